@@ -1,0 +1,17 @@
+"""mmx: MiniMax-M1 / MiniMax-M2 in PyTorch."""
+
+from mmx.config import ConfigError, MiniMaxConfig
+from mmx.model import CheckpointError, DenseCache, MiniMaxForCausalLM, greedy_generate, load_model, save_model
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointError",
+    "ConfigError",
+    "DenseCache",
+    "MiniMaxConfig",
+    "MiniMaxForCausalLM",
+    "greedy_generate",
+    "load_model",
+    "save_model",
+]

@@ -1,0 +1,708 @@
+"""One configuration for MiniMax-M1, MiniMax-Text-01 and MiniMax-M2.
+
+Checkpoints on the Hub describe these models in three dialects, and each reads differently when a key is absent:
+
+* the official remote-code M1 / Text-01 dialect (``attn_type_list``, ``layernorm_*_alpha/beta``, ``postnorm``,
+  ``rotary_dim``), whose missing keys fall back to the remote code's ``getattr`` defaults;
+* the transformers-native dialect (``model_type: "minimax"``, ``layer_types``, ``*_alpha_factor``,
+  ``rope_parameters``, ``block_size``), which is always postnorm and uses transformers' slope ladder;
+* the M2 dialect (``model_type: "minimax_m2"``), shared by the official file and transformers.
+
+:meth:`MiniMaxConfig.from_dict` reads all three into one dataclass whose fields say exactly what the model
+computes. :meth:`MiniMaxConfig.to_dict` writes a file that both transformers and mmx load back to the same model.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from mmx.utils.logging import get_logger
+
+logger = get_logger(__name__)
+
+LINEAR = "linear_attention"
+FULL = "full_attention"
+ARCH_M1 = "minimax_m1"
+ARCH_M2 = "minimax_m2"
+DIALECT_OFFICIAL = "official"
+DIALECT_TRANSFORMERS = "transformers"
+
+ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "relu")
+OFFICIAL_M1_MODEL_TYPES = ("minimax_m1", "minimax_text_01", "MiniMaxM1", "MiniMaxText01")
+M2_MODEL_TYPES = ("minimax_m2", "MiniMaxM2")
+
+# Keys that real checkpoint configs carry and that change nothing in the forward pass.
+INERT_KEYS = frozenset(
+    {
+        "architectures",
+        "auto_map",
+        "transformers_version",
+        "use_cache",
+        "output_router_logits",
+        "output_attentions",
+        "output_hidden_states",
+        "return_dict",
+        "shared_moe_mode",
+        "mlp_intermediate_size",
+        "_name_or_path",
+        "model_type",
+        "torch_dtype",
+        "dtype",
+        "quantization_config",
+        "attention_bias",
+    }
+)
+
+
+class ConfigError(ValueError):
+    """A config value mmx cannot honour; ``key`` names the offending config key."""
+
+    def __init__(self, key: str, message: str):
+        self.key = key
+        super().__init__(f"config key {key!r}: {message}")
+
+
+@dataclass
+class MiniMaxConfig:
+    """The architecture of a MiniMax model. Defaults describe MiniMax-M1 (456B); use :meth:`from_preset`
+    for the other published models and for the tiny ones."""
+
+    architecture: str = ARCH_M1
+    vocab_size: int = 200064
+    hidden_size: int = 6144
+    intermediate_size: int = 9216
+    num_hidden_layers: int = 80
+    num_attention_heads: int = 64
+    num_key_value_heads: int = 8
+    head_dim: int | None = 128
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 10_240_000
+    rms_norm_eps: float = 1e-5
+    initializer_range: float = 0.02
+    # Per-layer attention kind: "linear_attention" (lightning) or "full_attention" (softmax).
+    # None means the family's layout: every 8th layer softmax for M1, all softmax for M2.
+    layer_types: list[str] | None = None
+    block_size: int = 256
+    rope_theta: float = 10_000_000.0
+    rotary_dim: int | None = 64  # rotated channels per head, the first ones; None means all of head_dim
+    # Residual scheme: postnorm adds alpha * RMSNorm(x) (M1); otherwise alpha * x (pre-norm, M2).
+    postnorm: bool = True
+    full_attn_alpha_factor: float = 3.5565588200778455
+    full_attn_beta_factor: float = 1.0
+    linear_attn_alpha_factor: float = 3.5565588200778455
+    linear_attn_beta_factor: float = 1.0
+    mlp_alpha_factor: float = 3.5565588200778455
+    mlp_beta_factor: float = 1.0
+    num_local_experts: int = 32
+    num_experts_per_tok: int = 2
+    scoring_func: str = "softmax"  # softmax over all experts (M1) or independent sigmoids (M2)
+    use_routing_bias: bool = False  # M2's e_score_correction_bias, used for expert selection only
+    use_qk_norm: bool = False
+    qk_norm_type: str = "per_layer"  # one RMSNorm over all heads' q (and k) together
+    # Decay schedule of lightning layers: "official" (remote code: ALiBi slope interleave for any head count,
+    # layer factor 1 - i/(L-1) + 1e-5) or "transformers" (5.23: geometric ladder, factor 1 - i/(L-1+1e-5) + 1e-5).
+    # Identical for every released checkpoint (64 heads); they differ for other head counts and tiny depths.
+    lightning_slopes: str = "official"
+    lightning_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    router_aux_loss_coef: float = 0.001
+    router_jitter_noise: float = 0.0
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+    use_mtp: bool = False
+    num_mtp_modules: int = 0
+    mtp_transformer_layers: int = 0
+    torch_dtype: str | None = None
+    quantization_config: dict | None = None
+    dialect: str = DIALECT_TRANSFORMERS  # the dialect the config was read from, and is written back in
+    extra: dict[str, Any] = field(default_factory=dict)  # unrecognised keys, kept for round trips
+
+    def __post_init__(self) -> None:
+        if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ConfigError("head_dim", "absent, and hidden_size is not divisible by num_attention_heads")
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.rotary_dim is None:
+            self.rotary_dim = self.head_dim
+        if self.layer_types is None:
+            self.layer_types = default_layer_types(self.architecture, self.num_hidden_layers)
+        self.layer_types = list(self.layer_types)
+        self.validate()
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        if self.architecture not in (ARCH_M1, ARCH_M2):
+            raise ConfigError("architecture", f"{self.architecture!r} is not one of {ARCH_M1!r}, {ARCH_M2!r}")
+        for key in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "block_size",
+            "num_local_experts",
+            "num_experts_per_tok",
+            "max_position_embeddings",
+        ):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(key, f"must be a positive integer, got {value!r}")
+        if self.hidden_act not in ACTIVATIONS:
+            raise ConfigError("hidden_act", f"{self.hidden_act!r} is not supported; use one of {ACTIVATIONS}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                "num_key_value_heads",
+                f"{self.num_key_value_heads} does not divide num_attention_heads={self.num_attention_heads}",
+            )
+        if len(self.layer_types) != self.num_hidden_layers:
+            raise ConfigError(
+                "layer_types",
+                f"has {len(self.layer_types)} entries for num_hidden_layers={self.num_hidden_layers}",
+            )
+        for i, kind in enumerate(self.layer_types):
+            if kind not in (LINEAR, FULL):
+                raise ConfigError("layer_types", f"entry {i} is {kind!r}; expected {LINEAR!r} or {FULL!r}")
+        if not (0 < self.rotary_dim <= self.head_dim) or self.rotary_dim % 2:
+            raise ConfigError(
+                "rotary_dim", f"{self.rotary_dim} must be an even number in (0, head_dim={self.head_dim}]"
+            )
+        if self.num_experts_per_tok > self.num_local_experts:
+            raise ConfigError(
+                "num_experts_per_tok",
+                f"{self.num_experts_per_tok} exceeds num_local_experts={self.num_local_experts}",
+            )
+        if self.scoring_func not in ("softmax", "sigmoid"):
+            raise ConfigError("scoring_func", f"{self.scoring_func!r} is not 'softmax' or 'sigmoid'")
+        if self.use_qk_norm and self.qk_norm_type != "per_layer":
+            raise ConfigError("qk_norm_type", f"{self.qk_norm_type!r} is not supported; MiniMax uses 'per_layer'")
+        if self.lightning_slopes not in ("official", "transformers"):
+            raise ConfigError("lightning_slopes", f"{self.lightning_slopes!r} is not 'official' or 'transformers'")
+        if self.dialect not in (DIALECT_OFFICIAL, DIALECT_TRANSFORMERS):
+            raise ConfigError("dialect", f"{self.dialect!r} is not {DIALECT_OFFICIAL!r} or {DIALECT_TRANSFORMERS!r}")
+        for key in ("rms_norm_eps", "lightning_norm_eps", "rope_theta"):
+            if not getattr(self, key) > 0:
+                raise ConfigError(key, f"must be positive, got {getattr(self, key)!r}")
+
+    # ------------------------------------------------------------------ derived quantities
+    @property
+    def num_key_value_groups(self) -> int:
+        return self.num_attention_heads // self.num_key_value_heads
+
+    @property
+    def partial_rotary_factor(self) -> float:
+        return self.rotary_dim / self.head_dim
+
+    @property
+    def attn_type_list(self) -> list[int]:
+        """The official 0 (lightning) / 1 (softmax) encoding of :attr:`layer_types`."""
+        return [0 if kind == LINEAR else 1 for kind in self.layer_types]
+
+    def is_lightning(self, layer_idx: int) -> bool:
+        return self.layer_types[layer_idx] == LINEAR
+
+    def residual_factors(self, layer_idx: int) -> tuple[float, float, float, float]:
+        """(attention alpha, attention beta, mlp alpha, mlp beta) of one decoder layer."""
+        if self.is_lightning(layer_idx):
+            alpha, beta = self.linear_attn_alpha_factor, self.linear_attn_beta_factor
+        else:
+            alpha, beta = self.full_attn_alpha_factor, self.full_attn_beta_factor
+        return alpha, beta, self.mlp_alpha_factor, self.mlp_beta_factor
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        if self.eos_token_id is None:
+            return []
+        return list(self.eos_token_id) if isinstance(self.eos_token_id, list) else [self.eos_token_id]
+
+    def replace(self, **changes: Any) -> MiniMaxConfig:
+        """A copy with some fields changed (and validated)."""
+        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
+        if unknown:
+            raise ConfigError(sorted(unknown)[0], "is not a MiniMaxConfig field")
+        if "num_hidden_layers" in changes and "layer_types" not in changes:
+            changes["layer_types"] = _resize_layer_types(self, changes["num_hidden_layers"])
+        elif "layer_types" in changes and "num_hidden_layers" not in changes:
+            changes["num_hidden_layers"] = len(changes["layer_types"])
+        return dataclasses.replace(copy.deepcopy(self), **changes)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> MiniMaxConfig:
+        from mmx.presets import preset_dict
+
+        config = cls.from_dict(preset_dict(name))
+        return config.replace(**overrides) if overrides else config
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, strict: bool = False) -> MiniMaxConfig:
+        """Read ``config.json`` from a checkpoint directory (or the file itself)."""
+        file = os.path.join(path, "config.json") if os.path.isdir(path) else os.fspath(path)
+        if not os.path.exists(file):
+            raise FileNotFoundError(f"no config.json in {os.fspath(path)!r}")
+        with open(file, encoding="utf-8") as f:
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ConfigError("config.json", f"{file} is not valid JSON: {e}") from e
+        return cls.from_dict(data, strict=strict)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], strict: bool = False) -> MiniMaxConfig:
+        """Parse a checkpoint's config in any of the three dialects.
+
+        Keys mmx does not know are kept in :attr:`extra` and logged; with ``strict=True`` they raise."""
+        if not isinstance(data, dict):
+            raise ConfigError("config", f"expected a JSON object, got {type(data).__name__}")
+        if "text_config" in data:
+            raise ConfigError("text_config", "vision-language configs are not supported; load the text model's config")
+        reader = _Reader(data)
+        model_type = data.get("model_type")
+        if model_type in M2_MODEL_TYPES:
+            fields = _read_m2(reader)
+        elif model_type in OFFICIAL_M1_MODEL_TYPES or (model_type is None and "attn_type_list" in data):
+            fields = _read_m1_official(reader)
+        elif model_type == "minimax" or (model_type is None and "layer_types" in data):
+            fields = _read_m1_transformers(reader)
+        else:
+            raise ConfigError(
+                "model_type",
+                f"{model_type!r} is not a MiniMax text model; mmx reads "
+                f"{', '.join(OFFICIAL_M1_MODEL_TYPES[:2])}, minimax and minimax_m2",
+            )
+        fields.update(_read_common(reader))
+        leftovers = reader.leftovers()
+        if leftovers:
+            if strict:
+                raise ConfigError(leftovers[0], "is not a key mmx understands")
+            logger.warning("config keys mmx does not use (kept as extra): %s", ", ".join(leftovers))
+        fields["extra"] = {k: data[k] for k in leftovers}
+        return cls(**fields)
+
+    # ------------------------------------------------------------------ serialisation
+    def to_dict(self, dialect: str | None = None) -> dict[str, Any]:
+        """A config.json dict. The transformers dialect loads in transformers 5.x and in mmx; the official dialect
+        is the remote-code layout of the released M1 / Text-01 checkpoints."""
+        dialect = dialect or self.dialect
+        if dialect not in (DIALECT_OFFICIAL, DIALECT_TRANSFORMERS):
+            raise ConfigError("dialect", f"{dialect!r} is not {DIALECT_OFFICIAL!r} or {DIALECT_TRANSFORMERS!r}")
+        out: dict[str, Any] = {
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "hidden_act": self.hidden_act,
+            "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": self.rms_norm_eps,
+            "initializer_range": self.initializer_range,
+            "num_local_experts": self.num_local_experts,
+            "num_experts_per_tok": self.num_experts_per_tok,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "router_aux_loss_coef": self.router_aux_loss_coef,
+            "router_jitter_noise": self.router_jitter_noise,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": self.eos_token_id,
+            "pad_token_id": self.pad_token_id,
+            "rotary_dim": self.rotary_dim,
+            "block_size": self.block_size,
+            "attention_dropout": 0.0,
+            "sliding_window": None,
+        }
+        rope = {"rope_type": "default", "rope_theta": self.rope_theta}
+        if self.rotary_dim != self.head_dim:
+            rope["partial_rotary_factor"] = self.partial_rotary_factor
+        if self.architecture == ARCH_M2:
+            out.update(
+                model_type="minimax_m2",
+                architectures=["MiniMaxM2ForCausalLM"],
+                rope_parameters=rope,
+                attn_type_list=self.attn_type_list,
+                use_qk_norm=self.use_qk_norm,
+                qk_norm_type=self.qk_norm_type,
+                scoring_func=self.scoring_func,
+                use_routing_bias=self.use_routing_bias,
+                use_mtp=self.use_mtp,
+                num_mtp_modules=self.num_mtp_modules,
+                mtp_transformer_layers=self.mtp_transformer_layers,
+                shared_intermediate_size=0,
+                **self._residual_keys_official(),
+                postnorm=self.postnorm,
+            )
+        elif dialect == DIALECT_TRANSFORMERS:
+            out.update(
+                model_type="minimax",
+                architectures=["MiniMaxForCausalLM"],
+                layer_types=self.layer_types,
+                rope_parameters=rope,
+                full_attn_alpha_factor=self.full_attn_alpha_factor,
+                full_attn_beta_factor=self.full_attn_beta_factor,
+                linear_attn_alpha_factor=self.linear_attn_alpha_factor,
+                linear_attn_beta_factor=self.linear_attn_beta_factor,
+                mlp_alpha_factor=self.mlp_alpha_factor,
+                mlp_beta_factor=self.mlp_beta_factor,
+                postnorm=self.postnorm,
+            )
+            if self.lightning_slopes != "transformers":
+                # transformers always uses its own schedule; the key keeps mmx exact on reload.
+                out["lightning_slopes"] = self.lightning_slopes
+        else:
+            out.update(
+                model_type="minimax_m1",
+                architectures=["MiniMaxM1ForCausalLM"],
+                attn_type_list=self.attn_type_list,
+                rope_theta=self.rope_theta,
+                postnorm=self.postnorm,
+                shared_intermediate_size=0,
+                **self._residual_keys_official(),
+            )
+            if self.lightning_slopes != "official":
+                out["lightning_slopes"] = self.lightning_slopes
+        if self.architecture == ARCH_M1 and self.lightning_norm_eps != 1e-6:
+            out["lightning_norm_eps"] = self.lightning_norm_eps
+        if self.torch_dtype is not None:
+            out["dtype"] = self.torch_dtype
+        out.update(self.extra)
+        return dict(sorted(out.items()))
+
+    def _residual_keys_official(self) -> dict[str, float]:
+        return {
+            "layernorm_full_attention_alpha": self.full_attn_alpha_factor,
+            "layernorm_full_attention_beta": self.full_attn_beta_factor,
+            "layernorm_linear_attention_alpha": self.linear_attn_alpha_factor,
+            "layernorm_linear_attention_beta": self.linear_attn_beta_factor,
+            "layernorm_mlp_alpha": self.mlp_alpha_factor,
+            "layernorm_mlp_beta": self.mlp_beta_factor,
+        }
+
+    def save_pretrained(self, path: str | os.PathLike, dialect: str | None = None) -> None:
+        os.makedirs(path, exist_ok=True)
+        from mmx.utils.io import atomic_write_text
+
+        atomic_write_text(os.path.join(path, "config.json"), json.dumps(self.to_dict(dialect), indent=2) + "\n")
+
+    def summary(self) -> str:
+        """One line per fact a user checks first."""
+        pattern = "".join("L" if kind == LINEAR else "S" for kind in self.layer_types)
+        return "\n".join(
+            [
+                f"architecture   {self.architecture} (read as the {self.dialect} dialect)",
+                f"layers         {self.num_hidden_layers}: {pattern}  (L = lightning, S = softmax)",
+                f"hidden         {self.hidden_size}, heads {self.num_attention_heads} x {self.head_dim}, "
+                f"kv heads {self.num_key_value_heads}, rotary {self.rotary_dim}/{self.head_dim} "
+                f"(theta {self.rope_theta:g})",
+                f"moe            {self.num_local_experts} experts x {self.intermediate_size}, "
+                f"top-{self.num_experts_per_tok}, {self.scoring_func}"
+                + (" + routing bias" if self.use_routing_bias else ""),
+                f"residual       {'postnorm' if self.postnorm else 'pre-norm'}, "
+                f"alpha {self.linear_attn_alpha_factor:g}/{self.full_attn_alpha_factor:g}/{self.mlp_alpha_factor:g}"
+                + (", qk-norm" if self.use_qk_norm else ""),
+                f"vocab          {self.vocab_size}, context {self.max_position_embeddings}",
+            ]
+        )
+
+
+def default_layer_types(architecture: str, num_layers: int) -> list[str]:
+    if architecture == ARCH_M2:
+        return [FULL] * num_layers
+    return [FULL if (i + 1) % 8 == 0 else LINEAR for i in range(num_layers)]
+
+
+def _resize_layer_types(config: MiniMaxConfig, num_layers: int) -> list[str]:
+    """Keep the period of the layout when a preset is shortened or lengthened."""
+    period = config.layer_types
+    return [period[i % len(period)] for i in range(num_layers)]
+
+
+# ---------------------------------------------------------------------------------------------------- readers
+_MISSING = object()
+
+
+class _Reader:
+    """Reads keys from a config dict and remembers which ones were used."""
+
+    def __init__(self, data: dict[str, Any]):
+        self.data = data
+        self.used: set[str] = set()
+
+    def has(self, key: str) -> bool:
+        return key in self.data and self.data[key] is not None
+
+    def get(self, key: str, default: Any = None) -> Any:
+        self.used.add(key)
+        value = self.data.get(key, _MISSING)
+        return default if value is _MISSING or value is None else value
+
+    def leftovers(self) -> list[str]:
+        return sorted(k for k in self.data if k not in self.used and k not in INERT_KEYS)
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, float) or isinstance(b, float):
+        return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-12)
+    return a == b
+
+
+def _check_agree(key: str, value: Any, other_key: str, other: Any) -> None:
+    if not _same(value, other):
+        raise ConfigError(key, f"{value!r} contradicts {other_key}={other!r}")
+
+
+def _layer_types_from_attn_type_list(r: _Reader) -> list[str] | None:
+    if not r.has("attn_type_list"):
+        r.get("attn_type_list")
+        return None
+    values = r.get("attn_type_list")
+    if not isinstance(values, list):
+        raise ConfigError("attn_type_list", f"must be a list of 0/1, got {values!r}")
+    kinds = []
+    for i, v in enumerate(values):
+        if v == 0 and not isinstance(v, bool):
+            kinds.append(LINEAR)
+        elif v == 1 and not isinstance(v, bool):
+            kinds.append(FULL)
+        else:
+            raise ConfigError("attn_type_list", f"entry {i} is {v!r}; only 0 (lightning) and 1 (softmax) exist")
+    return kinds
+
+
+def _layer_types(r: _Reader, num_layers: int, default: list[str]) -> list[str]:
+    from_list = _layer_types_from_attn_type_list(r)
+    from_types = r.get("layer_types")
+    if from_types is not None and not isinstance(from_types, list):
+        raise ConfigError("layer_types", f"must be a list, got {from_types!r}")
+    if from_list is not None and from_types is not None and from_list != from_types:
+        raise ConfigError("attn_type_list", "contradicts layer_types")
+    kinds = from_list if from_list is not None else from_types
+    if kinds is None:
+        kinds = default
+    if len(kinds) != num_layers:
+        key = "attn_type_list" if from_list is not None else "layer_types"
+        raise ConfigError(key, f"has {len(kinds)} entries for num_hidden_layers={num_layers}")
+    return kinds
+
+
+def _read_shared_expert(r: _Reader) -> None:
+    shared = r.get("shared_intermediate_size", 0)
+    sizes = shared if isinstance(shared, list) else [shared]
+    if any(s != 0 for s in sizes):
+        raise ConfigError(
+            "shared_intermediate_size",
+            f"{shared!r}: no released MiniMax model has a shared expert and mmx does not implement one",
+        )
+
+
+def _read_unsupported(r: _Reader) -> None:
+    if r.get("sliding_window") is not None:
+        raise ConfigError("sliding_window", "sliding-window attention is not part of any MiniMax model")
+    if r.get("attention_dropout", 0.0) not in (0, 0.0):
+        raise ConfigError("attention_dropout", "must be 0; MiniMax models train without attention dropout")
+    if r.get("rope_scaling") is not None:
+        raise ConfigError("rope_scaling", "RoPE scaling is not used by MiniMax models and not supported")
+
+
+def _read_rope(r: _Reader, head_dim: int, default_theta: float, dialect: str) -> tuple[float, int]:
+    """(theta, rotary_dim) from ``rope_parameters`` and/or the legacy ``rope_theta`` / ``rotary_dim`` keys."""
+    params = r.get("rope_parameters") or {}
+    if not isinstance(params, dict):
+        raise ConfigError("rope_parameters", f"must be an object, got {params!r}")
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type != "default":
+        raise ConfigError("rope_parameters.rope_type", f"{rope_type!r} is not supported; only 'default'")
+    unknown = set(params) - {"rope_type", "type", "rope_theta", "partial_rotary_factor"}
+    if unknown:
+        raise ConfigError(f"rope_parameters.{sorted(unknown)[0]}", "is not supported")
+    legacy_theta = r.get("rope_theta")
+    new_theta = params.get("rope_theta")
+    if legacy_theta is not None and new_theta is not None and not _same(legacy_theta, new_theta):
+        # transformers reads rope_parameters and ignores the legacy key; the official code reads rope_theta.
+        winner = legacy_theta if dialect == DIALECT_OFFICIAL else new_theta
+        logger.warning(
+            "config has rope_theta=%s and rope_parameters.rope_theta=%s; using %s as this dialect does",
+            legacy_theta,
+            new_theta,
+            winner,
+        )
+        theta = winner
+    else:
+        theta = legacy_theta if legacy_theta is not None else new_theta
+    theta = float(theta if theta is not None else default_theta)
+
+    rotary_dim = r.get("rotary_dim")
+    factor = params.get("partial_rotary_factor", r.get("partial_rotary_factor"))
+    if factor is not None:
+        from_factor = head_dim * float(factor)
+        if abs(from_factor - round(from_factor)) > 1e-6:
+            raise ConfigError("partial_rotary_factor", f"{factor} x head_dim={head_dim} is not an integer")
+        if rotary_dim is not None:
+            _check_agree("rotary_dim", rotary_dim, "partial_rotary_factor x head_dim", round(from_factor))
+        rotary_dim = round(from_factor)
+    if rotary_dim is not None and (not isinstance(rotary_dim, int) or isinstance(rotary_dim, bool)):
+        raise ConfigError("rotary_dim", f"must be an integer, got {rotary_dim!r}")
+    if rotary_dim is not None and rotary_dim > head_dim and dialect == DIALECT_TRANSFORMERS and factor is None:
+        # Some transformers-dialect test configs carry a leftover rotary_dim larger than the head; transformers
+        # ignores it and rotates the whole head, which is the only reading that computes anything.
+        logger.warning(
+            "ignoring rotary_dim=%d > head_dim=%d (a leftover key); rotating all channels",
+            rotary_dim,
+            head_dim,
+        )
+        rotary_dim = head_dim
+    return theta, rotary_dim if rotary_dim is not None else head_dim
+
+
+_RESIDUAL_KEYS = (
+    ("full_attn_alpha_factor", "layernorm_full_attention_alpha"),
+    ("full_attn_beta_factor", "layernorm_full_attention_beta"),
+    ("linear_attn_alpha_factor", "layernorm_linear_attention_alpha"),
+    ("linear_attn_beta_factor", "layernorm_linear_attention_beta"),
+    ("mlp_alpha_factor", "layernorm_mlp_alpha"),
+    ("mlp_beta_factor", "layernorm_mlp_beta"),
+)
+
+
+def _read_residual_factors(r: _Reader) -> dict[str, float]:
+    out = {}
+    for native, official in _RESIDUAL_KEYS:
+        a, b = r.get(native), r.get(official)
+        if a is not None and b is not None:
+            _check_agree(official, b, native, a)
+        value = a if a is not None else b
+        out[native] = float(value if value is not None else 1.0)
+    return out
+
+
+def _read_sizes(r: _Reader, defaults: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for key in (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "max_position_embeddings",
+    ):
+        out[key] = r.get(key, defaults.get(key))
+        if out[key] is None:
+            raise ConfigError(key, "is required")
+    experts = r.get("num_local_experts")
+    alias = r.get("num_experts")
+    if experts is not None and alias is not None:
+        _check_agree("num_experts", alias, "num_local_experts", experts)
+    out["num_local_experts"] = experts if experts is not None else (alias or defaults["num_local_experts"])
+    out["num_experts_per_tok"] = r.get("num_experts_per_tok", defaults["num_experts_per_tok"])
+    out["num_key_value_heads"] = r.get("num_key_value_heads", out["num_attention_heads"])
+    head_dim = r.get("head_dim")
+    if head_dim is None:
+        if out["hidden_size"] % out["num_attention_heads"]:
+            raise ConfigError("head_dim", "absent, and hidden_size is not divisible by num_attention_heads")
+        head_dim = out["hidden_size"] // out["num_attention_heads"]
+    out["head_dim"] = head_dim
+    out["hidden_act"] = r.get("hidden_act", "silu")
+    out["rms_norm_eps"] = float(r.get("rms_norm_eps", defaults["rms_norm_eps"]))
+    out["initializer_range"] = float(r.get("initializer_range", 0.02))
+    return out
+
+
+def _read_common(r: _Reader) -> dict[str, Any]:
+    _read_unsupported(r)
+    dtype = r.data.get("dtype") or r.data.get("torch_dtype")
+    return {
+        "tie_word_embeddings": bool(r.get("tie_word_embeddings", False)),
+        "router_aux_loss_coef": float(r.get("router_aux_loss_coef", 0.001)),
+        "router_jitter_noise": float(r.get("router_jitter_noise", 0.0)),
+        "bos_token_id": r.get("bos_token_id"),
+        "eos_token_id": r.get("eos_token_id"),
+        "pad_token_id": r.get("pad_token_id"),
+        "torch_dtype": dtype if isinstance(dtype, str) else None,
+        "quantization_config": r.data.get("quantization_config"),
+        "lightning_norm_eps": float(r.get("lightning_norm_eps", 1e-6)),
+    }
+
+
+_M1_OFFICIAL_DEFAULTS = {  # configuration_minimax_m1.py class defaults
+    "vocab_size": 32000,
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "max_position_embeddings": 4096 * 32,
+    "num_local_experts": 8,
+    "num_experts_per_tok": 2,
+    "rms_norm_eps": 1e-5,
+}
+_M1_TRANSFORMERS_DEFAULTS = _M1_OFFICIAL_DEFAULTS  # transformers' MiniMaxConfig uses the same defaults
+_M2_DEFAULTS = {  # transformers' MiniMaxM2Config defaults (the real M2 sizes)
+    "vocab_size": 200064,
+    "hidden_size": 3072,
+    "intermediate_size": 1536,
+    "num_hidden_layers": 62,
+    "num_attention_heads": 48,
+    "max_position_embeddings": 196608,
+    "num_local_experts": 256,
+    "num_experts_per_tok": 8,
+    "rms_norm_eps": 1e-6,
+}
+
+
+def _read_m1_official(r: _Reader) -> dict[str, Any]:
+    out = _read_sizes(r, _M1_OFFICIAL_DEFAULTS)
+    out["architecture"] = ARCH_M1
+    out["dialect"] = DIALECT_OFFICIAL
+    out["layer_types"] = _layer_types(r, out["num_hidden_layers"], [FULL] * out["num_hidden_layers"])
+    out.update(_read_residual_factors(r))
+    out["postnorm"] = bool(r.get("postnorm", False))  # the remote code's getattr default
+    out["rope_theta"], out["rotary_dim"] = _read_rope(r, out["head_dim"], 1e6, DIALECT_OFFICIAL)
+    out["block_size"] = int(r.get("block_size", r.get("block", 256)))
+    out["lightning_slopes"] = r.get("lightning_slopes", "official")
+    _read_shared_expert(r)
+    return out
+
+
+def _read_m1_transformers(r: _Reader) -> dict[str, Any]:
+    out = _read_sizes(r, _M1_TRANSFORMERS_DEFAULTS)
+    out["architecture"] = ARCH_M1
+    out["dialect"] = DIALECT_TRANSFORMERS
+    n = out["num_hidden_layers"]
+    alternating = [FULL if (i + 1) % 2 else LINEAR for i in range(n)]  # transformers' default layout
+    out["layer_types"] = _layer_types(r, n, alternating)
+    out.update(_read_residual_factors(r))
+    out["postnorm"] = bool(r.get("postnorm", True))  # transformers' MiniMax is always postnorm
+    out["rope_theta"], out["rotary_dim"] = _read_rope(r, out["head_dim"], 1e6, DIALECT_TRANSFORMERS)
+    out["block_size"] = int(r.get("block_size", 256))
+    out["lightning_slopes"] = r.get("lightning_slopes", "transformers")
+    _read_shared_expert(r)
+    return out
+
+
+def _read_m2(r: _Reader) -> dict[str, Any]:
+    out = _read_sizes(r, _M2_DEFAULTS)
+    out["architecture"] = ARCH_M2
+    out["dialect"] = (
+        DIALECT_OFFICIAL if r.has("attn_type_list") and not r.has("rope_parameters") else (DIALECT_TRANSFORMERS)
+    )
+    out["layer_types"] = _layer_types(r, out["num_hidden_layers"], [FULL] * out["num_hidden_layers"])
+    out.update(_read_residual_factors(r))
+    out["postnorm"] = bool(r.get("postnorm", False))
+    out["rope_theta"], out["rotary_dim"] = _read_rope(r, out["head_dim"], 5e6, out["dialect"])
+    out["use_qk_norm"] = bool(r.get("use_qk_norm", True))
+    out["qk_norm_type"] = r.get("qk_norm_type", "per_layer")
+    out["scoring_func"] = r.get("scoring_func", "sigmoid")
+    out["use_routing_bias"] = bool(r.get("use_routing_bias", True))
+    out["use_mtp"] = bool(r.get("use_mtp", False))
+    out["num_mtp_modules"] = int(r.get("num_mtp_modules", 0))
+    out["mtp_transformer_layers"] = int(r.get("mtp_transformer_layers", 0))
+    out["block_size"] = int(r.get("block_size", 256))
+    out["lightning_slopes"] = r.get("lightning_slopes", "official")
+    _read_shared_expert(r)
+    return out

@@ -1,0 +1,49 @@
+"""Softmax (full) attention: GQA with partial RoPE, and M2's QK-norm over all heads at once."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mmx.config import MiniMaxConfig
+from mmx.model.cache import AttentionCache, causal_softmax
+from mmx.model.norm import RMSNorm
+from mmx.model.rotary import apply_rotary
+
+
+class SoftmaxAttention(nn.Module):
+    def __init__(self, config: MiniMaxConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.scale = self.head_dim**-0.5
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+        if config.use_qk_norm:
+            # "per_layer": one RMS statistic over the concatenation of all heads, not one per head.
+            self.q_norm = RMSNorm(self.num_heads * self.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(self.num_kv_heads * self.head_dim, config.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: AttentionCache | None
+    ) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = rope
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is None:
+            out = causal_softmax(q, k, v, self.scale)
+        else:
+            out = cache.softmax_attention(self.layer_idx, q, k, v, self.scale)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))

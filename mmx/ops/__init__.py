@@ -1,0 +1,13 @@
+"""Lightning attention operators. The math lives here only; the model calls :func:`lightning_attention`."""
+
+from mmx.ops.lightning import lightning_attention
+from mmx.ops.lightning_ref import lightning_blocked, lightning_naive, lightning_recurrent
+from mmx.ops.slopes import decay_rates
+
+__all__ = [
+    "decay_rates",
+    "lightning_attention",
+    "lightning_blocked",
+    "lightning_naive",
+    "lightning_recurrent",
+]

@@ -1,0 +1,44 @@
+"""Shared fixtures: seeds, and tiny random models whose weights are far enough from init to make logits
+discriminating (random norms, larger init, non-zero routing bias)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mmx import MiniMaxConfig, MiniMaxForCausalLM
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+
+
+def randomize(model: torch.nn.Module, seed: int = 0, std: float = 0.15, bias_scale: float = 0.0) -> torch.nn.Module:
+    """Give every weight a random value: matrices N(0, std), norm weights 1 + N(0, 0.2), routing bias
+    N(0, bias_scale)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
+            if "norm" in name:
+                p.copy_(1.0 + 0.2 * noise)
+            else:
+                p.copy_(std * noise)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(bias_scale * torch.randn(b.shape, generator=gen))
+    return model
+
+
+def tiny_model(preset: str = "tiny-m1", seed: int = 0, **overrides) -> MiniMaxForCausalLM:
+    config = MiniMaxConfig.from_preset(preset, **overrides)
+    return randomize(MiniMaxForCausalLM(config), seed=seed, bias_scale=0.3 if config.use_routing_bias else 0.0).eval()
+
+
+def assert_logits_close(actual: torch.Tensor, expected: torch.Tensor, rel: float = 1e-4) -> None:
+    """max |actual - expected| <= rel * max |expected| (the tolerance is relative to the logit scale)."""
+    scale = expected.abs().max().item()
+    err = (actual.double() - expected.double()).abs().max().item()
+    assert err <= rel * scale, f"max |diff| {err:.3e} exceeds {rel:g} x logit scale {scale:.3e}"

@@ -1,0 +1,40 @@
+"""The ``mmx`` command line: subcommands, the demo, and errors without tracebacks."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from mmx.cli.main import main
+
+
+def test_help_lists_subcommands(capsys):
+    assert main([]) == 2
+    out = capsys.readouterr().out
+    assert "info" in out and "demo" in out
+
+
+def test_info_on_preset_and_checkpoint(capsys, tmp_path):
+    assert main(["info", "minimax-m2"]) == 0
+    out = capsys.readouterr().out
+    assert "228.69B total, 9.80B active" in out and "SSSS" in out
+    from tests.conftest import tiny_model
+
+    tiny_model("tiny-m1").save_pretrained(tmp_path)
+    assert main(["info", str(tmp_path)]) == 0
+    assert "LLLS" in capsys.readouterr().out
+
+
+def test_bad_model_is_a_clean_error(capsys):
+    assert main(["info", "no-such-model"]) == 1
+    err = capsys.readouterr().err
+    assert "unknown preset 'no-such-model'" in err and "Traceback" not in err
+
+
+def test_demo_runs_as_a_console_script():
+    out = subprocess.run(
+        [sys.executable, "-m", "mmx.cli.main", "demo", "--tokens", "4"], capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("saved and reloaded: logits identical") == 2
+    assert "456.09B total, 45.94B active" in out.stdout
