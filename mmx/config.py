@@ -345,12 +345,7 @@ class MiniMaxConfig:
                 architectures=["MiniMaxForCausalLM"],
                 layer_types=self.layer_types,
                 rope_parameters=rope,
-                full_attn_alpha_factor=self.full_attn_alpha_factor,
-                full_attn_beta_factor=self.full_attn_beta_factor,
-                linear_attn_alpha_factor=self.linear_attn_alpha_factor,
-                linear_attn_beta_factor=self.linear_attn_beta_factor,
-                mlp_alpha_factor=self.mlp_alpha_factor,
-                mlp_beta_factor=self.mlp_beta_factor,
+                **{native: getattr(self, native) for native, _ in _RESIDUAL_KEYS},
                 postnorm=self.postnorm,
             )
             if self.lightning_slopes != "transformers":
@@ -376,14 +371,7 @@ class MiniMaxConfig:
         return dict(sorted(out.items()))
 
     def _residual_keys_official(self) -> dict[str, float]:
-        return {
-            "layernorm_full_attention_alpha": self.full_attn_alpha_factor,
-            "layernorm_full_attention_beta": self.full_attn_beta_factor,
-            "layernorm_linear_attention_alpha": self.linear_attn_alpha_factor,
-            "layernorm_linear_attention_beta": self.linear_attn_beta_factor,
-            "layernorm_mlp_alpha": self.mlp_alpha_factor,
-            "layernorm_mlp_beta": self.mlp_beta_factor,
-        }
+        return {official: getattr(self, native) for native, official in _RESIDUAL_KEYS}
 
     def save_pretrained(self, path: str | os.PathLike, dialect: str | None = None) -> None:
         os.makedirs(path, exist_ok=True)
