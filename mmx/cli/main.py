@@ -29,6 +29,9 @@ def _version() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from mmx.utils.memory import tune_allocator
+
+    tune_allocator()  # a CLI process is long-lived: keep freed activation memory for reuse
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:

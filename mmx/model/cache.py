@@ -13,7 +13,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from mmx.ops import lightning_attention
+from mmx.ops import lightning_attention, lightning_decode
 
 
 class AttentionCache(Protocol):
@@ -34,9 +34,8 @@ class AttentionCache(Protocol):
         k: torch.Tensor,
         v: torch.Tensor,
         rates: torch.Tensor,
-        block_size: int,
     ) -> torch.Tensor:
-        """q, k, v [B, H, T, D] -> output [B, H, T, D], continuing and updating the layer's state."""
+        """Token-major q, k, v [B, T, H, D] -> output [B, T, H, D], continuing and updating the layer's state."""
         ...
 
     def advance(self, num_tokens: int) -> None:
@@ -85,9 +84,11 @@ class DenseCache:
         k: torch.Tensor,
         v: torch.Tensor,
         rates: torch.Tensor,
-        block_size: int,
     ) -> torch.Tensor:
-        out, self.states[layer_idx] = lightning_attention(q, k, v, rates, self.states.get(layer_idx), block_size)
+        state = self.states.get(layer_idx)
+        if q.shape[1] == 1 and state is not None and not torch.is_grad_enabled():
+            return lightning_decode(q[:, 0], k[:, 0], v[:, 0], rates, state)[:, None]  # updates state in place
+        out, self.states[layer_idx] = lightning_attention(q, k, v, rates, state)
         return out
 
     def advance(self, num_tokens: int) -> None:

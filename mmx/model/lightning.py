@@ -21,7 +21,6 @@ class LightningAttention(nn.Module):
         self.layer_idx = layer_idx
         self.num_heads = config.num_attention_heads
         self.head_dim = config.head_dim
-        self.block_size = config.block_size
         self.act = activation(config.hidden_act)
         width = self.num_heads * self.head_dim
         self.qkv_proj = nn.Linear(config.hidden_size, 3 * width, bias=False)
@@ -41,11 +40,11 @@ class LightningAttention(nn.Module):
     ) -> torch.Tensor:
         b, t, _ = x.shape
         qkv = self.act(self.qkv_proj(x)).view(b, t, self.num_heads, 3 * self.head_dim)
-        q, k, v = (part.transpose(1, 2) for part in qkv.split(self.head_dim, dim=-1))
+        q, k, v = qkv.split(self.head_dim, dim=-1)  # token-major [B, T, H, D] views, as the ops take them
         rates = self.rates(x.device)
         if cache is None:
-            out, _ = lightning_attention(q, k, v, rates, None, self.block_size)
+            out, _ = lightning_attention(q, k, v, rates)
         else:
-            out = cache.lightning_attention(self.layer_idx, q, k, v, rates, self.block_size)
-        out = self.norm(out.transpose(1, 2).reshape(b, t, self.num_heads * self.head_dim))
+            out = cache.lightning_attention(self.layer_idx, q, k, v, rates)
+        out = self.norm(out.reshape(b, t, self.num_heads * self.head_dim))
         return self.out_proj(torch.sigmoid(self.output_gate(x)) * out)

@@ -25,9 +25,10 @@ FP32_PARAMETER_SUFFIXES = ("mlp.gate.weight", "mlp.e_score_correction_bias")
 
 
 def _scaled_sum(residual: torch.Tensor, alpha: float, update: torch.Tensor, beta: float) -> torch.Tensor:
-    if alpha == 1.0 and beta == 1.0:
-        return residual + update
-    return residual * alpha + update * beta
+    """alpha * residual + beta * update in one pass over memory when beta is 1 (every released checkpoint)."""
+    if beta != 1.0:
+        update = update * beta
+    return torch.add(update, residual, alpha=alpha)
 
 
 class DecoderLayer(nn.Module):

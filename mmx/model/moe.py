@@ -54,24 +54,24 @@ class Experts(nn.Module):
         self.act = activation(config.hidden_act)
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        n, k = ids.shape
+        k = ids.shape[1]
         flat = ids.reshape(-1)
         order = flat.argsort(stable=True)  # group (token, slot) pairs by expert
         token_of = order // k
+        mix = weights.reshape(-1)[order].to(x.dtype)[:, None]
         counts = torch.bincount(flat, minlength=self.num_experts).tolist()
         routed = x[token_of]
-        pieces = []
+        out = torch.zeros_like(x)
         start = 0
         for expert, count in enumerate(counts):
             if count == 0:
                 continue
-            h = routed[start : start + count]
-            gate, up = F.linear(h, self.gate_up_proj[expert]).chunk(2, dim=-1)
-            pieces.append(F.linear(self.act(gate) * up, self.down_proj[expert]))
+            rows = slice(start, start + count)
+            gate, up = F.linear(routed[rows], self.gate_up_proj[expert]).chunk(2, dim=-1)
+            y = F.linear(self.act(gate) * up, self.down_proj[expert]).mul_(mix[rows])
+            out.index_add_(0, token_of[rows], y)  # accumulates in the activation dtype, as transformers does
             start += count
-        mixed = torch.cat(pieces).float() * weights.reshape(-1)[order, None]
-        out = torch.zeros(n, x.shape[-1], dtype=torch.float32, device=x.device)
-        return out.index_add_(0, token_of, mixed).to(x.dtype)
+        return out
 
 
 class SparseMoeBlock(nn.Module):
