@@ -30,9 +30,9 @@ from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from mmx.ops import decay_rates, lightning_attention, lightning_decode  # noqa: E402
-from mmx.ops.lightning_chunked import default_chunk_size, flops  # noqa: E402
-from mmx.utils.memory import tune_allocator  # noqa: E402
+from mmx.ops import decay_rates, lightning_attention, lightning_decode
+from mmx.ops.lightning_chunked import default_chunk_size, flops
+from mmx.utils.memory import tune_allocator
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
@@ -143,21 +143,29 @@ def section_op(args, peaks: dict) -> None:
             first.setdefault("bf16", t / ours_bf16)
             gf32 = flops(t, h, d, d, default_chunk_size(h, d, torch.float32)) / ours / 1e9
             gf16 = flops(t, h, d, d, default_chunk_size(h, d, torch.bfloat16)) / ours_bf16 / 1e9
-            rows.append([
-                f"{h}x{d}", t, f"{t / ours / 1e3:.0f}", f"{t / ours_bf16 / 1e3:.0f}", f"{t / theirs / 1e3:.1f}",
-                "-" if sdpa is None else f"{t / sdpa / 1e3:.1f}", "-" if sdpa_bf16 is None else f"{t / sdpa_bf16 / 1e3:.1f}",
-                f"{theirs / ours:.1f}x", f"{(t / ours) / first['fp32']:.2f} / {(t / ours_bf16) / first['bf16']:.2f}",
-                f"{gf32:.0f} ({gf32 / peaks['fp32']:.0%})", f"{gf16:.0f} ({gf16 / peaks['bf16']:.0%})",
-            ])  # fmt: skip
+            speed = [t / x / 1e3 if x else None for x in (ours, ours_bf16, theirs, sdpa, sdpa_bf16)]
+            rows.append(
+                [f"{h}x{d}", t]
+                + ["-" if s is None else f"{s:.1f}" for s in speed]
+                + [
+                    f"{theirs / ours:.1f}x",
+                    f"{(t / ours) / first['fp32']:.2f} / {(t / ours_bf16) / first['bf16']:.2f}",
+                    f"{gf32:.0f} ({gf32 / peaks['fp32']:.0%})",
+                    f"{gf16:.0f} ({gf16 / peaks['bf16']:.0%})",
+                ]
+            )
             print(" | ".join(str(c) for c in rows[-1]), flush=True)
     print("\n## Forward (B=1; thousands of tokens/s)\n")
-    print(table(
-        ["H x D", "T", "mmx fp32", "mmx bf16", "transformers fp32", "SDPA fp32", "SDPA bf16", "mmx / transformers (fp32)",
-         "tok/s vs T=1K (fp32 / bf16)", "mmx fp32 GFLOP/s (% fp32 peak)", "mmx bf16 GFLOP/s (% bf16 peak)"], rows))  # fmt: skip
+    header = ["H x D", "T", "mmx fp32", "mmx bf16", "transformers fp32", "SDPA fp32", "SDPA bf16"]
+    header += ["mmx / transformers (fp32)", "tok/s vs T=1K (fp32 / bf16)"]
+    header += ["mmx fp32 GFLOP/s (% fp32 peak)", "mmx bf16 GFLOP/s (% bf16 peak)"]
+    print(table(header, rows))
 
 
 def section_backward(args) -> None:
-    cases = [(8, 64, 4096), (16, 128, 4096)] if args.quick else [(8, 64, 4096), (8, 64, 16384), (16, 128, 4096), (16, 128, 16384)]  # fmt: skip
+    cases = [(8, 64, 4096), (16, 128, 4096)]
+    if not args.quick:
+        cases += [(8, 64, 16384), (16, 128, 16384)]
     rows = []
     for h, d, t in cases:
         rates = decay_rates(h, 0, 80, "transformers")
@@ -205,7 +213,11 @@ def section_decode(args) -> None:
             rows.append([f"{h}x{d}", context, f"{ours * 1e6:.0f}", f"{softmax * 1e6:.0f}"])
             print(" | ".join(str(c) for c in rows[-1]), flush=True)
     print("\n## Decode step (one token, B=1; microseconds)\n")
-    print(table(["H x D", "context", "mmx lightning (fp32 state)", "softmax attention over a bf16 KV cache (GQA 8)"], rows))
+    print(
+        table(
+            ["H x D", "context", "mmx lightning (fp32 state)", "softmax attention over a bf16 KV cache (GQA 8)"], rows
+        )
+    )
 
 
 def tiny_hybrid_config(vocab: int = 2048) -> dict:

@@ -48,3 +48,24 @@ def assert_logits_close(actual: torch.Tensor, expected: torch.Tensor, rel: float
     scale = expected.abs().max().item()
     err = (actual.double() - expected.double()).abs().max().item()
     assert err <= rel * scale, f"max |diff| {err:.3e} exceeds {rel:g} x logit scale {scale:.3e}"
+
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog. ",
+    "Lightning attention keeps a constant-size state per sequence. ",
+    "MiniMax-M1 mixes lightning and softmax layers; MiniMax-M2 calls tools with XML. ",
+    "Weather in Paris? It is 20 degrees. Let me check the calculator: 12 * 7 = 84. ",
+    "naïve café — 東京 🙂 emoji and accents survive byte-level BPE. ",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """A byte-level BPE of 512 tokens with M2's special tokens and mmx's M2 chat template."""
+    from mmx.chat import builtin_template, train_bpe_tokenizer
+    from mmx.chat.tokenizer import M2_SPECIAL_TOKENS
+
+    return train_bpe_tokenizer(
+        CORPUS * 20, 512, M2_SPECIAL_TOKENS, bos_token="]~!b[", eos_token="[e~[",
+        chat_template=builtin_template("minimax_m2"),
+    )  # fmt: skip

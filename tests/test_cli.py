@@ -38,3 +38,51 @@ def test_demo_runs_as_a_console_script():
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("saved and reloaded: logits identical") == 2
     assert "456.09B total, 45.94B active" in out.stdout
+
+
+def _checkpoint_with_tokenizer(tmp_path, tokenizer):
+    from tests.conftest import tiny_model
+
+    tiny_model("tiny-m2").save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    return str(tmp_path)
+
+
+def test_generate_raw_and_chat(tmp_path, tiny_tokenizer, capsys):
+    import json
+
+    path = _checkpoint_with_tokenizer(tmp_path, tiny_tokenizer)
+    assert (
+        main(
+            [
+                "generate",
+                path,
+                "--prompt",
+                "Weather in",
+                "--max-tokens",
+                "5",
+                "--cache-memory-gb",
+                "0.01",
+                "--max-model-len",
+                "512",
+            ]
+        )
+        == 0
+    )
+    assert "--- 'Weather in' [length, 5 tokens]" in capsys.readouterr().out
+    assert (
+        main(["generate", path, "--prompt", "hi", "--chat", "--json", "--max-tokens", "4", "--max-model-len", "256"])
+        == 0
+    )
+    record = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert record["tokens"] == 4 and set(record) >= {"reasoning", "content", "tool_calls"}
+
+
+def test_chat_session(tmp_path, tiny_tokenizer, monkeypatch, capsys):
+    import io
+
+    path = _checkpoint_with_tokenizer(tmp_path, tiny_tokenizer)
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\n/reset\nagain\n/exit\n"))
+    assert main(["chat", path, "--max-tokens", "6", "--max-model-len", "256"]) == 0
+    out = capsys.readouterr().out
+    assert "minimax_m2 format" in out and out.count("you>") == 4

@@ -9,6 +9,8 @@ import sys
 # subcommand -> module in mmx.cli; kept as names so `mmx --help` does not import torch-heavy modules it won't use
 SUBCOMMANDS = {
     "info": "mmx.cli.info",
+    "generate": "mmx.cli.generate",
+    "chat": "mmx.cli.chat",
     "demo": "mmx.cli.demo",
 }
 

@@ -170,8 +170,8 @@ def lightning_prefill(
     initial = pool.index_select(0, slots)
     if has_state is None:
         initial.zero_()
-    else:
-        initial.mul_(has_state.to(initial.dtype)[:, None, None, None])
+    else:  # where, not a multiply: a recycled slot may hold anything, even NaN
+        initial = torch.where(has_state[:, None, None, None], initial, torch.zeros((), dtype=initial.dtype))
     with torch.no_grad():
         out, finals = lightning_attention(q, k, v, rates, initial, cu_seqlens=cu_seqlens, backend=backend)
     pool.index_copy_(0, slots, finals.to(pool.dtype))

@@ -1,0 +1,147 @@
+"""Separating reasoning from the answer in MiniMax outputs.
+
+* ``minimax_m2``: the M2 prompt ends with a pre-filled ``<think>\\n``, so the output starts inside the reasoning. A
+  redundant leading ``<think>`` is skipped; reasoning ends at the first ``</think>``, or at ``<minimax:tool_call>``
+  if the model starts calling tools without closing it; with neither, everything is reasoning.
+* ``minimax_m1``: M1 writes ``<think>`` itself; without a leading ``<think>`` there is no reasoning at all.
+
+Newlines around the boundary are layout, not text: the reasoning loses leading / trailing newlines and the answer
+its leading ones (the M2 template adds them back when the turn is rendered again).
+
+:func:`split_reasoning` takes a finished text; :class:`ReasoningStreamParser` takes it piece by piece and emits
+exactly the same two strings, whatever the pieces.
+"""
+
+from __future__ import annotations
+
+STYLES = ("minimax_m2", "minimax_m1")
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+M2_TOOL_OPEN = "<minimax:tool_call>"
+
+
+def _check_style(style: str) -> None:
+    if style not in STYLES:
+        raise ValueError(f"unknown reasoning style {style!r}; use one of {STYLES}")
+
+
+def split_reasoning(text: str, style: str = "minimax_m2") -> tuple[str | None, str]:
+    """(reasoning, content). Reasoning is None when the output has none (M1 without ``<think>``)."""
+    _check_style(style)
+    if style == "minimax_m1":
+        body = text.lstrip()
+        if not body.startswith(THINK_OPEN):
+            return None, text
+        body = body[len(THINK_OPEN) :]
+        end = body.find(THINK_CLOSE)
+        if end == -1:
+            return body.strip("\n"), ""
+        return body[:end].strip("\n"), body[end + len(THINK_CLOSE) :].lstrip("\n")
+    body = text
+    if body.lstrip("\n").startswith(THINK_OPEN):
+        body = body.lstrip("\n")[len(THINK_OPEN) :]
+    end, tool = body.find(THINK_CLOSE), body.find(M2_TOOL_OPEN)
+    if end != -1 and (tool == -1 or end < tool):
+        reasoning, content = body[:end], body[end + len(THINK_CLOSE) :]
+    elif tool != -1:
+        reasoning, content = body[:tool], body[tool:]
+    else:
+        reasoning, content = body, ""
+    return reasoning.strip("\n"), content.lstrip("\n")
+
+
+def _partial_suffix(text: str, tags: tuple[str, ...]) -> int:
+    """Length of the longest suffix of ``text`` that is a proper prefix of one of ``tags``."""
+    best = 0
+    for tag in tags:
+        for n in range(min(len(tag) - 1, len(text)), 0, -1):
+            if text.endswith(tag[:n]):
+                best = max(best, n)
+                break
+    return best
+
+
+class ReasoningStreamParser:
+    """Incremental :func:`split_reasoning`: ``feed(delta)`` and ``finish()`` return (reasoning delta, content
+    delta); the concatenations equal the non-streaming result."""
+
+    def __init__(self, style: str = "minimax_m2"):
+        _check_style(style)
+        self.style = style
+        self.state = "start"  # start -> reasoning -> content_start -> content, or start -> content (M1)
+        self.buffer = ""  # text seen but not yet emitted
+        self.reasoning_started = False  # leading newlines of the reasoning are dropped until text arrives
+        self.ends = (THINK_CLOSE, M2_TOOL_OPEN) if style == "minimax_m2" else (THINK_CLOSE,)
+        self.saw_reasoning = False
+
+    def feed(self, delta: str) -> tuple[str, str]:
+        self.buffer += delta
+        return self._drain(final=False)
+
+    def finish(self) -> tuple[str, str]:
+        return self._drain(final=True)
+
+    def _drain(self, final: bool) -> tuple[str, str]:
+        reasoning, content = "", ""
+        while True:
+            if self.state == "start":
+                if not self._resolve_start(final):
+                    break
+            elif self.state == "reasoning":
+                piece, done = self._reasoning_step(final)
+                reasoning += piece
+                if not done:
+                    break
+            elif self.state == "content_start":
+                self.buffer = self.buffer.lstrip("\n")
+                if not self.buffer:
+                    break
+                self.state = "content"
+            else:
+                content += self.buffer
+                self.buffer = ""
+                break
+        return reasoning, content
+
+    def _resolve_start(self, final: bool) -> bool:
+        """Decide whether the output opens with <think>; False while the buffer could still become one."""
+        head = self.buffer.lstrip() if self.style == "minimax_m1" else self.buffer.lstrip("\n")
+        if head.startswith(THINK_OPEN):
+            self.buffer = head[len(THINK_OPEN) :]
+            self.state = "reasoning"
+            self.saw_reasoning = True
+            return True
+        if THINK_OPEN.startswith(head) and not final:
+            return False  # empty or a partial "<think>": wait
+        if self.style == "minimax_m1":
+            self.state = "content"
+        else:
+            self.state = "reasoning"
+            self.saw_reasoning = True
+        return True
+
+    def _reasoning_step(self, final: bool) -> tuple[str, bool]:
+        """Emit what is certainly reasoning; True once reasoning has ended (state changed)."""
+        if not self.reasoning_started:
+            self.buffer = self.buffer.lstrip("\n")
+            if not self.buffer:
+                return "", False
+            self.reasoning_started = True
+        hits = [(self.buffer.find(tag), tag) for tag in self.ends]
+        hits = [(i, tag) for i, tag in hits if i != -1]
+        if hits:
+            i, tag = min(hits)
+            piece = self.buffer[:i].rstrip("\n")
+            # the tool-call tag belongs to the content; </think> is dropped
+            self.buffer = self.buffer[i + len(THINK_CLOSE) :] if tag == THINK_CLOSE else self.buffer[i:]
+            self.state = "content_start"
+            return piece, True
+        if final:
+            piece = self.buffer.rstrip("\n")
+            self.buffer = ""
+            return piece, False
+        # hold back a possible partial end tag and trailing newlines (stripped if the reasoning ends here)
+        keep = _partial_suffix(self.buffer, self.ends)
+        safe = self.buffer[: len(self.buffer) - keep]
+        stripped = safe.rstrip("\n")
+        self.buffer = self.buffer[len(stripped) :]
+        return stripped, False

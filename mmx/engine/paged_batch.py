@@ -1,0 +1,122 @@
+"""One engine step as the model sees it: a flat row of tokens and the cache they read and write.
+
+:class:`PagedBatch` implements the model's ``AttentionCache`` protocol over a :class:`HybridCache`. Tokens are laid
+out decode first (one per decoding sequence), then each prefill chunk. Softmax layers write their new K/V into the
+sequences' blocks, then attend over them: the decode tokens in one padded SDPA call, each prefill chunk on its own
+with its causal offset. Lightning layers run one pooled decode step and one packed prefill over their state slots.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from mmx.engine.cache import HybridCache
+from mmx.engine.sequence import Sequence
+from mmx.model.cache import causal_softmax
+from mmx.ops import lightning_decode, lightning_prefill
+
+
+class PagedBatch:
+    def __init__(
+        self,
+        cache: HybridCache,
+        decode: list[Sequence],
+        prefill: list[tuple[Sequence, int]],
+        device: torch.device,
+    ):
+        self.cache = cache
+        self.n_decode = len(decode)
+        starts = [seq.num_computed_tokens for seq in decode] + [seq.num_computed_tokens for seq, _ in prefill]
+        lengths = [1] * len(decode) + [n for _, n in prefill]
+        seqs = list(decode) + [seq for seq, _ in prefill]
+        self.token_ids = [tok for seq, a, n in zip(seqs, starts, lengths) for tok in seq.tokens(a, a + n)]
+        positions = [p for a, n in zip(starts, lengths) for p in range(a, a + n)]
+        self.positions_tensor = torch.tensor([positions], dtype=torch.long, device=device)
+        # rows of the hidden state whose next token is sampled: the last fed token of sequences fed to their end
+        offsets = [0]
+        for n in lengths:
+            offsets.append(offsets[-1] + n)
+        ends = [a + n == seq.num_tokens for seq, a, n in zip(seqs, starts, lengths)]
+        self.sample_rows = [offsets[i + 1] - 1 for i, end in enumerate(ends) if end]
+        self.sampled = [seq for seq, end in zip(seqs, ends) if end]
+        long = dict(dtype=torch.long, device=device)
+        if cache.uses_blocks:
+            self.slot_mapping = torch.cat([cache.addresses(s, a, a + n) for s, a, n in zip(seqs, starts, lengths)]).to(
+                device
+            )
+            if decode:
+                contexts = [seq.num_computed_tokens + 1 for seq in decode]
+                width = max(contexts)
+                self.decode_gather = torch.stack(
+                    [F.pad(cache.addresses(seq, 0, c), (0, width - c)) for seq, c in zip(decode, contexts)]
+                ).to(device)
+                self.decode_mask = torch.arange(width, device=device)[None, :] < torch.tensor(contexts, **long)[:, None]
+            self.prefill_gather = [
+                cache.addresses(seq, 0, seq.num_computed_tokens + n).to(device) if seq.num_computed_tokens else None
+                for seq, n in prefill
+            ]
+        self.prefill_spans = [
+            (offsets[len(decode) + i], seq.num_computed_tokens, n) for i, (seq, n) in enumerate(prefill)
+        ]
+        if cache.uses_slots:
+            self.decode_slots = torch.tensor([seq.slot for seq in decode], **long)
+            self.prefill_slots = torch.tensor([seq.slot for seq, _ in prefill], **long)
+            self.prefill_has_state = torch.tensor([seq.num_computed_tokens > 0 for seq, _ in prefill], device=device)
+            cu = [0]
+            for _, n in prefill:
+                cu.append(cu[-1] + n)
+            self.prefill_cu = torch.tensor(cu, dtype=torch.int32, device=device)
+
+    # ------------------------------------------------------------------ AttentionCache protocol
+    def positions(self, batch: int, seq_len: int, device: torch.device) -> torch.Tensor:
+        return self.positions_tensor
+
+    def advance(self, num_tokens: int) -> None:
+        """Sequence lengths are the scheduler's business; nothing to do here."""
+
+    def softmax_attention(
+        self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+    ) -> torch.Tensor:
+        g, d = k.shape[1], k.shape[3]
+        keys = self.cache.keys[layer_idx].view(-1, g, d)
+        values = self.cache.values[layer_idx].view(-1, g, d)
+        new_k, new_v = k[0].transpose(0, 1), v[0].transpose(0, 1)  # [N, G, D]
+        keys.index_copy_(0, self.slot_mapping, new_k)
+        values.index_copy_(0, self.slot_mapping, new_v)
+        outs = []
+        if self.n_decode:
+            ks = keys[self.decode_gather].permute(0, 2, 1, 3)  # [n, G, L, D]
+            vs = values[self.decode_gather].permute(0, 2, 1, 3)
+            qs = q[0, :, : self.n_decode].transpose(0, 1)[:, :, None]  # [n, H, 1, D]
+            mask = self.decode_mask[:, None, None, :]
+            out = F.scaled_dot_product_attention(
+                qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=ks.shape[1] != qs.shape[1]
+            )
+            outs.append(out[:, :, 0].transpose(0, 1))  # [H, n, D]
+        for (offset, start, n), gather in zip(self.prefill_spans, self.prefill_gather):
+            qs = q[:, :, offset : offset + n]
+            if gather is None:  # a fresh sequence: its keys are exactly the new ones
+                ks, vs = k[:, :, offset : offset + n], v[:, :, offset : offset + n]
+            else:
+                ks = keys[gather].permute(1, 0, 2)[None]
+                vs = values[gather].permute(1, 0, 2)[None]
+            outs.append(causal_softmax(qs, ks, vs, scale, q_offset=start)[0])
+        return torch.cat(outs, dim=1)[None]
+
+    def lightning_attention(
+        self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rates: torch.Tensor
+    ) -> torch.Tensor:
+        pool = self.cache.states[layer_idx]
+        outs = []
+        nd = self.n_decode
+        if nd:
+            outs.append(lightning_decode(q[0, :nd], k[0, :nd], v[0, :nd], rates, pool, self.decode_slots)[None])
+        if self.prefill_spans:
+            outs.append(
+                lightning_prefill(
+                    q[:, nd:], k[:, nd:], v[:, nd:], rates, self.prefill_cu, pool, self.prefill_slots,
+                    self.prefill_has_state,
+                )
+            )  # fmt: skip
+        return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]

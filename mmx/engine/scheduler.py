@@ -1,0 +1,125 @@
+"""Continuous batching: which sequences run this step, and how many of their tokens.
+
+Every step fills a token budget. Running sequences come first, oldest first: a decoding sequence feeds its one
+new token, a sequence still prefilling feeds the next chunk of its prompt. Waiting sequences are admitted while
+the budget, the state slots and the KV blocks allow. When a running sequence cannot get the block it needs, the
+newest running sequences are preempted: their cache is dropped and they go back to the front of the queue, to be
+recomputed later (a lightning state cannot be swapped out piecewise, and recomputing is what vLLM does too).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from mmx.engine.cache import HybridCache
+from mmx.engine.sequence import Sequence, Status
+
+
+@dataclass
+class StepPlan:
+    decode: list[Sequence] = field(default_factory=list)  # one token each
+    prefill: list[tuple[Sequence, int]] = field(default_factory=list)  # (sequence, tokens fed)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.decode) + sum(n for _, n in self.prefill)
+
+    @property
+    def empty(self) -> bool:
+        return not self.decode and not self.prefill
+
+
+class Scheduler:
+    def __init__(
+        self,
+        cache: HybridCache,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        chunked_prefill: bool = True,
+    ):
+        if max_num_batched_tokens < 1 or max_num_seqs < 1:
+            raise ValueError("max_num_seqs and max_num_batched_tokens must be positive")
+        self.cache = cache
+        self.max_num_seqs = min(max_num_seqs, cache.layout.num_slots) if cache.uses_slots else max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.chunked_prefill = chunked_prefill
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def _tokens_for(self, seq: Sequence, budget: int) -> int:
+        """How many pending tokens ``seq`` feeds with ``budget`` left (0: it must wait for a later step)."""
+        if seq.num_pending <= budget:
+            return seq.num_pending
+        return budget if self.chunked_prefill else 0
+
+    def schedule(self) -> StepPlan:
+        plan = StepPlan()
+        budget = self.max_num_batched_tokens
+        scheduled: set[int] = set()
+        for seq in list(self.running):
+            if seq.status != Status.RUNNING:  # preempted earlier in this loop
+                continue
+            n = self._tokens_for(seq, budget)
+            if n == 0:
+                continue
+            while not self.cache.can_admit(seq, seq.num_computed_tokens + n):
+                victim = next((s for s in reversed(self.running) if s.seq_id not in scheduled), None)
+                self._preempt(victim, plan)
+                if victim is seq:
+                    break
+            if seq.status != Status.RUNNING:
+                continue
+            self.cache.grow(seq, seq.num_computed_tokens + n)
+            scheduled.add(seq.seq_id)
+            if n == 1 and seq.num_computed_tokens > 0:
+                plan.decode.append(seq)
+            else:
+                plan.prefill.append((seq, n))
+            budget -= n
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            n = self._tokens_for(seq, budget)
+            if n == 0 or not self.cache.can_admit(seq, n):
+                break
+            self.waiting.popleft()
+            self.cache.grow(seq, n)
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            plan.prefill.append((seq, n))
+            budget -= n
+        if plan.empty and self.waiting and not self.running:
+            seq = self.waiting[0]
+            raise RuntimeError(
+                f"cannot schedule {seq}: the cache has {self.cache.num_free_blocks} free blocks and "
+                f"{self.cache.num_free_slots} free slots; the engine's cache is too small for this request"
+            )
+        return plan
+
+    def _preempt(self, seq: Sequence, plan: StepPlan) -> None:
+        self.cache.release(seq)
+        self.running.remove(seq)
+        seq.reset_cache()
+        self.waiting.appendleft(seq)
+        plan.preempted.append(seq)
+        self.num_preemptions += 1
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Stop ``seq`` (end of generation or abort) and give its cache back."""
+        if seq.is_finished:
+            return
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.cache.release(seq)
+        seq.finish(reason)

@@ -1,0 +1,207 @@
+"""The engine against plain full-recompute generation, and its sampling, stopping, aborting and streaming."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+import pytest
+import torch
+
+import mmx
+from mmx.engine import LLM, AsyncLLM, LLMEngine, SamplingParams
+from mmx.engine.cache import CacheLayout
+from mmx.model.generate import greedy_generate_recompute
+
+from .conftest import tiny_model
+
+
+def _budget_gb(config, dtype, blocks: int, slots: int, block_size: int) -> float:
+    nbytes = blocks * CacheLayout.bytes_per_block(config, block_size, dtype) + slots * CacheLayout.bytes_per_slot(
+        config
+    )
+    return nbytes / (1 << 30)
+
+
+def _run_staggered(
+    engine: LLMEngine, requests: list[tuple[list[int], int]], arrivals: list[int]
+) -> dict[str, list[int]]:
+    """Add request i at step arrivals[i]; run to completion; return token ids per request."""
+    results, step, pending = {}, 0, list(range(len(requests)))
+    while pending or engine.has_unfinished_requests():
+        for i in [i for i in pending if arrivals[i] <= step]:
+            prompt, max_tokens = requests[i]
+            engine.add_request(f"r{i}", prompt, SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True))
+            pending.remove(i)
+        for out in engine.step():
+            if out.finished:
+                results[out.request_id] = out.outputs[0].token_ids
+        step += 1
+    return results
+
+
+@pytest.mark.parametrize("preset", ["tiny-m1", "tiny-m2"])
+def test_engine_greedy_equals_full_recompute(preset):
+    """16 requests of mixed lengths arriving at different steps, chunked prefill (budget 24 tokens per step) and a
+    cache so small that sequences get preempted and recomputed: every output equals full-recompute greedy."""
+    model = tiny_model(preset)
+    gen = torch.Generator().manual_seed(7)
+    requests = []
+    for i in range(16):
+        length = int(torch.randint(1, 60, (1,), generator=gen))
+        prompt = torch.randint(0, 512, (length,), generator=gen).tolist()
+        requests.append((prompt, 4 + i % 9))
+    arrivals = [0, 0, 0, 1, 1, 2, 3, 3, 5, 8, 8, 9, 12, 15, 15, 20]
+    block_size = 4
+    engine = LLMEngine(
+        model, max_model_len=96, max_num_seqs=6, max_num_batched_tokens=24, block_size=block_size,
+        cache_memory_gb=_budget_gb(model.config, model.dtype, blocks=26, slots=6, block_size=block_size),
+    )  # fmt: skip
+    results = _run_staggered(engine, requests, arrivals)
+    assert engine.scheduler.num_preemptions > 0, "the cache was meant to force preemption"
+    for i, (prompt, max_tokens) in enumerate(requests):
+        expected = greedy_generate_recompute(model, torch.tensor([prompt]), max_tokens)[0].tolist()
+        assert results[f"r{i}"] == expected, f"request {i} (prompt {len(prompt)} tokens)"
+    assert engine.cache.num_free_blocks == engine.cache.layout.num_blocks  # everything given back
+    assert engine.cache.num_free_slots == engine.cache.layout.num_slots
+
+
+def test_seeded_sampling_is_independent_of_the_batch():
+    model = tiny_model("tiny-m1")
+    prompt = list(range(10, 30))
+    params = SamplingParams(temperature=0.9, top_p=0.95, top_k=50, seed=1234, max_tokens=12, ignore_eos=True)
+    alone = LLM(model, max_model_len=128).generate([prompt], params, use_tqdm=False)[0].token_ids
+    others = [list(range(i, i + 7)) for i in range(40, 200, 20)]
+    batch = [prompt, *others]
+    noisy = [params] + [SamplingParams(temperature=1.0, max_tokens=12, ignore_eos=True)] * len(others)
+    together = LLM(model, max_model_len=128, max_num_batched_tokens=40).generate(batch, noisy, use_tqdm=False)
+    assert together[0].token_ids == alone
+    unseeded = [o.token_ids for o in together[1:]]
+    assert len({tuple(t) for t in unseeded}) > 1
+
+
+def test_logprobs_are_the_model_distribution():
+    model = tiny_model("tiny-m2")
+    prompt = [5, 9, 200, 31]
+    out = LLM(model).generate([prompt], SamplingParams(temperature=0, max_tokens=3, logprobs=2, ignore_eos=True),
+                              use_tqdm=False)[0]  # fmt: skip
+    ids = torch.tensor([prompt + out.token_ids])
+    with torch.no_grad():
+        expected = model(ids)[0].log_softmax(-1)
+    for step, entry in enumerate(out.outputs[0].logprobs):
+        row = expected[len(prompt) - 1 + step]
+        assert math.isclose(entry.logprob, row[entry.token_id].item(), abs_tol=1e-4)
+        assert [t for t, _ in entry.top] == row.topk(2).indices.tolist()
+
+
+def test_stops_lengths_and_n():
+    model = tiny_model("tiny-m1")
+    llm = LLM(model, max_model_len=64)
+    free = llm.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True), use_tqdm=False)[0]
+    stop_token = free.token_ids[3]
+    first = free.token_ids.index(stop_token)
+    out = llm.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=10, stop_token_ids=[stop_token]),
+                       use_tqdm=False)[0]  # fmt: skip
+    assert out.token_ids == free.token_ids[: first + 1] and out.finish_reason == "stop"
+    assert out.outputs[0].stop_reason == stop_token
+    assert free.finish_reason == "length" and len(free.token_ids) == 10
+    long = llm.generate(
+        [list(range(60))], SamplingParams(temperature=0, max_tokens=50, ignore_eos=True), use_tqdm=False
+    )
+    assert long[0].finish_reason == "length" and len(long[0].token_ids) == 4  # capped by max_model_len
+    many = llm.generate([[7, 8]], SamplingParams(n=3, temperature=1.0, max_tokens=6, seed=3, ignore_eos=True),
+                        use_tqdm=False)[0]  # fmt: skip
+    assert [o.index for o in many.outputs] == [0, 1, 2] and all(len(o.token_ids) == 6 for o in many.outputs)
+
+
+def test_eos_min_tokens_and_bad_requests():
+    model = tiny_model("tiny-m1", eos_token_id=17)
+    engine = LLMEngine(model, max_model_len=64)
+    with torch.no_grad():
+        forced = model(torch.tensor([[3, 4]]))[0, -1]
+    with torch.no_grad():
+        model.lm_head.weight[17] += 100.0  # make EOS the likeliest token
+    out = LLM(model, max_model_len=64).generate([[3, 4]], SamplingParams(temperature=0, max_tokens=5), use_tqdm=False)
+    assert out[0].token_ids == [17] and out[0].finish_reason == "stop"
+    out = LLM(model, max_model_len=64).generate(
+        [[3, 4]], SamplingParams(temperature=0, max_tokens=5, min_tokens=3), use_tqdm=False
+    )
+    assert 17 not in out[0].token_ids[:3] and forced is not None
+    with pytest.raises(ValueError, match="max_model_len"):
+        engine.add_request("x", list(range(64)))
+    with pytest.raises(ValueError, match="token ids"):
+        engine.add_request("y", [1, 99999])
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=1.5)
+    with pytest.raises(ValueError, match="tokenizer"):
+        engine.add_request("z", "text needs a tokenizer")
+
+
+def test_abort_frees_the_cache():
+    model = tiny_model("tiny-m1")
+    engine = LLMEngine(model, max_model_len=64, block_size=4)
+    engine.add_request("a", list(range(20)), SamplingParams(max_tokens=30, ignore_eos=True))
+    engine.add_request("b", list(range(20)), SamplingParams(max_tokens=30, ignore_eos=True))
+    engine.step()
+    engine.step()
+    assert engine.cache.num_free_slots < engine.cache.layout.num_slots
+    final = engine.abort_request("a")
+    assert final.finished and final.finish_reason == "abort"
+    assert engine.abort_request("a") is None
+    engine.abort_request("b")
+    assert not engine.has_unfinished_requests()
+    assert engine.cache.num_free_blocks == engine.cache.layout.num_blocks
+    assert engine.cache.num_free_slots == engine.cache.layout.num_slots
+
+
+def test_text_prompts_stop_strings_and_multibyte(tiny_tokenizer):
+    model = tiny_model("tiny-m2")
+    llm = LLM(model, tokenizer=tiny_tokenizer, max_model_len=128)
+    free = llm.generate("Weather in Paris?", SamplingParams(temperature=0, max_tokens=24, ignore_eos=True),
+                        use_tqdm=False)[0]  # fmt: skip
+    assert free.text == tiny_tokenizer.decode(free.token_ids)
+    if len(free.text) > 4:
+        stop = free.text[2:4]
+        cut = llm.generate("Weather in Paris?", SamplingParams(temperature=0, max_tokens=24, stop=[stop],
+                                                                ignore_eos=True), use_tqdm=False)[0]  # fmt: skip
+        assert cut.finish_reason == "stop" and cut.outputs[0].stop_reason == stop
+        assert cut.text == free.text[: free.text.find(stop)]
+
+
+def test_async_streaming_and_client_abort():
+    model = tiny_model("tiny-m1")
+    engine = AsyncLLM(LLMEngine(model, max_model_len=64))
+
+    async def collect(prompt, n):
+        outs = []
+        async for out in engine.generate(prompt, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)):
+            outs.append(out)
+        return outs
+
+    async def leave_early():
+        async for out in engine.generate([1, 2, 3], SamplingParams(max_tokens=50, ignore_eos=True)):
+            if len(out.token_ids) >= 2:
+                break
+
+    async def main():
+        results = await asyncio.gather(collect([1, 2, 3], 6), collect([4, 5], 9), leave_early())
+        with pytest.raises(ValueError, match="empty"):
+            await collect([], 3)
+        return results
+
+    try:
+        first, second, _ = asyncio.run(main())
+        assert [len(o.token_ids) for o in first] == list(range(1, 7)) and first[-1].finished
+        assert second[-1].token_ids == greedy_generate_recompute(model, torch.tensor([[4, 5]]), 9)[0].tolist()
+        for _ in range(50):  # the abort lands between steps
+            if not engine.engine.has_unfinished_requests():
+                break
+            asyncio.run(asyncio.sleep(0.02))
+        assert not engine.engine.has_unfinished_requests()
+        assert engine.stats.requests_aborted == 1 and engine.stats.requests_failed == 1
+    finally:
+        engine.shutdown()
+
+
+def test_public_api():
+    assert mmx.LLM is LLM and mmx.SamplingParams is SamplingParams
