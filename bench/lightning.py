@@ -90,9 +90,12 @@ def hf_lightning(h: int, d: int, layer_idx: int = 0, num_layers: int = 80):
     from transformers.models.minimax.modeling_minimax import MiniMaxLightningAttention
 
     config = transformers.MiniMaxConfig(
-        hidden_size=3 * h * d, num_attention_heads=h, head_dim=d, num_hidden_layers=num_layers,
+        hidden_size=3 * h * d,
+        num_attention_heads=h,
+        head_dim=d,
+        num_hidden_layers=num_layers,
         layer_types=["linear_attention"] * num_layers,
-    )  # fmt: skip
+    )
     module = MiniMaxLightningAttention(config, layer_idx)
     module.qkv_proj = module.act_fn = module.norm = module.out_proj = nn.Identity()
     module.output_gate = _Slice(h * d)  # sigmoid(slice) * attention: one cheap elementwise op
@@ -224,12 +227,25 @@ def tiny_hybrid_config(vocab: int = 2048) -> dict:
     """The issue's tiny hybrid M1: 8 layers (6 lightning, 2 softmax), hidden 256, 4 experts top-2."""
     lin, full = "linear_attention", "full_attention"
     return dict(
-        model_type="minimax", vocab_size=vocab, hidden_size=256, intermediate_size=512, num_hidden_layers=8,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=64, num_local_experts=4, num_experts_per_tok=2,
-        layer_types=[lin, lin, lin, full, lin, lin, lin, full], max_position_embeddings=16384,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, bos_token_id=None, eos_token_id=None,
-        full_attn_alpha_factor=2.0, linear_attn_alpha_factor=2.0, mlp_alpha_factor=2.0,
-    )  # fmt: skip
+        model_type="minimax",
+        vocab_size=vocab,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=8,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        layer_types=[lin, lin, lin, full, lin, lin, lin, full],
+        max_position_embeddings=16384,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        bos_token_id=None,
+        eos_token_id=None,
+        full_attn_alpha_factor=2.0,
+        linear_attn_alpha_factor=2.0,
+        mlp_alpha_factor=2.0,
+    )
 
 
 def model_flops(config, t: int, lightning_chunk: int) -> float:
@@ -272,14 +288,35 @@ def section_model(args, peaks: dict) -> None:
             name = "fp32" if dtype == torch.float32 else "bf16"
             work = model_flops(config, t, default_chunk_size(config.num_attention_heads, config.head_dim, dtype))
             roofline = work / (peaks[name] * 1e9)
-            rows.append([
-                name, f"{t / t_ours:.0f}", f"{t / t_theirs:.0f}", f"{t_theirs / t_ours:.2f}x",
-                f"{work / 1e9:.0f}", f"{work / t_ours / 1e9:.0f}", f"{roofline / t_ours:.0%}", f"{err:.1e}",
-            ])  # fmt: skip
+            rows.append(
+                [
+                    name,
+                    f"{t / t_ours:.0f}",
+                    f"{t / t_theirs:.0f}",
+                    f"{t_theirs / t_ours:.2f}x",
+                    f"{work / 1e9:.0f}",
+                    f"{work / t_ours / 1e9:.0f}",
+                    f"{roofline / t_ours:.0%}",
+                    f"{err:.1e}",
+                ]
+            )
             print(" | ".join(str(c) for c in rows[-1]), flush=True)
     print(f"\n## Whole-model prefill, tiny hybrid M1, {t} tokens (tokens/s)\n")
-    print(table(["dtype", "mmx", "transformers", "mmx / transformers", "GFLOP per prefill", "mmx GFLOP/s",
-                 "mmx vs bf16/fp32 matmul roofline", "max |logit diff| (512 tokens)"], rows))  # fmt: skip
+    print(
+        table(
+            [
+                "dtype",
+                "mmx",
+                "transformers",
+                "mmx / transformers",
+                "GFLOP per prefill",
+                "mmx GFLOP/s",
+                "mmx vs bf16/fp32 matmul roofline",
+                "max |logit diff| (512 tokens)",
+            ],
+            rows,
+        )
+    )
 
 
 def section_gpu(args) -> None:
@@ -313,8 +350,15 @@ def section_gpu(args) -> None:
                     else None
                 )
                 sdpa = cuda_time(lambda: sdpa_call(q, k, v)) if t <= 65536 else None  # noqa: B023
-            rows.append([f"{h}x{d}", t, f"{t / ours / 1e6:.1f}", "-" if fla is None else f"{t / fla / 1e6:.1f}",
-                         "-" if sdpa is None else f"{t / sdpa / 1e6:.1f}"])  # fmt: skip
+            rows.append(
+                [
+                    f"{h}x{d}",
+                    t,
+                    f"{t / ours / 1e6:.1f}",
+                    "-" if fla is None else f"{t / fla / 1e6:.1f}",
+                    "-" if sdpa is None else f"{t / sdpa / 1e6:.1f}",
+                ]
+            )
             print(" | ".join(str(c) for c in rows[-1]), flush=True)
     print(f"\n## GPU forward, bf16, B=1 (millions of tokens/s) on {torch.cuda.get_device_name()}\n")
     print(table(["H x D", "T", "mmx Triton", "fla chunk_simple_gla", "SDPA causal"], rows))

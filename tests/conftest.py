@@ -66,6 +66,10 @@ def tiny_tokenizer():
     from mmx.chat.tokenizer import M2_SPECIAL_TOKENS
 
     return train_bpe_tokenizer(
-        CORPUS * 20, 512, M2_SPECIAL_TOKENS, bos_token="]~!b[", eos_token="[e~[",
+        CORPUS * 20,
+        512,
+        M2_SPECIAL_TOKENS,
+        bos_token="]~!b[",
+        eos_token="[e~[",
         chat_template=builtin_template("minimax_m2"),
-    )  # fmt: skip
+    )

@@ -72,8 +72,14 @@ def test_transformers_dialect_defaults():
 
 
 def test_partial_rotary_from_either_key_and_contradiction():
-    base = {"model_type": "minimax", "num_hidden_layers": 1, "hidden_size": 64, "num_attention_heads": 2,
-            "intermediate_size": 8, "head_dim": 32}  # fmt: skip
+    base = {
+        "model_type": "minimax",
+        "num_hidden_layers": 1,
+        "hidden_size": 64,
+        "num_attention_heads": 2,
+        "intermediate_size": 8,
+        "head_dim": 32,
+    }
     with_factor = MiniMaxConfig.from_dict(
         {**base, "rope_parameters": {"rope_theta": 5.0, "partial_rotary_factor": 0.5}}
     )
@@ -88,15 +94,31 @@ def test_hf_internal_testing_tiny_config_quirks(caplog):
     """hf-internal-testing/tiny-random-MiniMaxForCausalLM carries a legacy rope_theta that disagrees with
     rope_parameters and a rotary_dim larger than its heads; transformers uses rope_parameters and the whole head."""
     data = {
-        "model_type": "minimax", "layer_types": [L, L], "block_size": 64, "head_dim": 16, "hidden_size": 64,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 128, "num_local_experts": 4,
-        "num_experts_per_tok": 2, "num_hidden_layers": 2, "vocab_size": 200064,
-        "rope_parameters": {"rope_theta": 1000000.0, "rope_type": "default"}, "rope_theta": 10000000,
-        "rotary_dim": 64, "postnorm": True, "shared_intermediate_size": 0, "shared_moe_mode": "sigmoid",
-        "full_attn_alpha_factor": 3.5565588200778455, "full_attn_beta_factor": 1.0,
-        "linear_attn_alpha_factor": 3.5565588200778455, "linear_attn_beta_factor": 1.0,
-        "mlp_alpha_factor": 3.5565588200778455, "mlp_beta_factor": 1.0,
-    }  # fmt: skip
+        "model_type": "minimax",
+        "layer_types": [L, L],
+        "block_size": 64,
+        "head_dim": 16,
+        "hidden_size": 64,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "intermediate_size": 128,
+        "num_local_experts": 4,
+        "num_experts_per_tok": 2,
+        "num_hidden_layers": 2,
+        "vocab_size": 200064,
+        "rope_parameters": {"rope_theta": 1000000.0, "rope_type": "default"},
+        "rope_theta": 10000000,
+        "rotary_dim": 64,
+        "postnorm": True,
+        "shared_intermediate_size": 0,
+        "shared_moe_mode": "sigmoid",
+        "full_attn_alpha_factor": 3.5565588200778455,
+        "full_attn_beta_factor": 1.0,
+        "linear_attn_alpha_factor": 3.5565588200778455,
+        "linear_attn_beta_factor": 1.0,
+        "mlp_alpha_factor": 3.5565588200778455,
+        "mlp_beta_factor": 1.0,
+    }
     with caplog.at_level(logging.WARNING, logger="mmx"):
         c = MiniMaxConfig.from_dict(data)
     assert c.rope_theta == 1e6 and c.rotary_dim == 16 and c.block_size == 64

@@ -41,9 +41,12 @@ def _run_staggered(
 
 
 @pytest.mark.parametrize("preset", ["tiny-m1", "tiny-m2"])
-def test_engine_greedy_equals_full_recompute(preset):
+@pytest.mark.parametrize("long_context", [1024, 8], ids=["gathered-history", "viewed-history"])
+def test_engine_greedy_equals_full_recompute(preset, long_context, monkeypatch):
     """16 requests of mixed lengths arriving at different steps, chunked prefill (budget 24 tokens per step) and a
-    cache so small that sequences get preempted and recomputed: every output equals full-recompute greedy."""
+    cache so small that sequences get preempted and recomputed: every output equals full-recompute greedy. Run
+    with softmax histories gathered into the batch, and read in place where their blocks are contiguous."""
+    monkeypatch.setattr("mmx.engine.paged_batch.LONG_CONTEXT", long_context)
     model = tiny_model(preset)
     gen = torch.Generator().manual_seed(7)
     requests = []
@@ -54,9 +57,13 @@ def test_engine_greedy_equals_full_recompute(preset):
     arrivals = [0, 0, 0, 1, 1, 2, 3, 3, 5, 8, 8, 9, 12, 15, 15, 20]
     block_size = 4
     engine = LLMEngine(
-        model, max_model_len=96, max_num_seqs=6, max_num_batched_tokens=24, block_size=block_size,
+        model,
+        max_model_len=96,
+        max_num_seqs=6,
+        max_num_batched_tokens=24,
+        block_size=block_size,
         cache_memory_gb=_budget_gb(model.config, model.dtype, blocks=26, slots=6, block_size=block_size),
-    )  # fmt: skip
+    )
     results = _run_staggered(engine, requests, arrivals)
     assert engine.scheduler.num_preemptions > 0, "the cache was meant to force preemption"
     for i, (prompt, max_tokens) in enumerate(requests):
@@ -83,8 +90,9 @@ def test_seeded_sampling_is_independent_of_the_batch():
 def test_logprobs_are_the_model_distribution():
     model = tiny_model("tiny-m2")
     prompt = [5, 9, 200, 31]
-    out = LLM(model).generate([prompt], SamplingParams(temperature=0, max_tokens=3, logprobs=2, ignore_eos=True),
-                              use_tqdm=False)[0]  # fmt: skip
+    out = LLM(model).generate(
+        [prompt], SamplingParams(temperature=0, max_tokens=3, logprobs=2, ignore_eos=True), use_tqdm=False
+    )[0]
     ids = torch.tensor([prompt + out.token_ids])
     with torch.no_grad():
         expected = model(ids)[0].log_softmax(-1)
@@ -100,8 +108,9 @@ def test_stops_lengths_and_n():
     free = llm.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True), use_tqdm=False)[0]
     stop_token = free.token_ids[3]
     first = free.token_ids.index(stop_token)
-    out = llm.generate([[1, 2, 3]], SamplingParams(temperature=0, max_tokens=10, stop_token_ids=[stop_token]),
-                       use_tqdm=False)[0]  # fmt: skip
+    out = llm.generate(
+        [[1, 2, 3]], SamplingParams(temperature=0, max_tokens=10, stop_token_ids=[stop_token]), use_tqdm=False
+    )[0]
     assert out.token_ids == free.token_ids[: first + 1] and out.finish_reason == "stop"
     assert out.outputs[0].stop_reason == stop_token
     assert free.finish_reason == "length" and len(free.token_ids) == 10
@@ -109,8 +118,9 @@ def test_stops_lengths_and_n():
         [list(range(60))], SamplingParams(temperature=0, max_tokens=50, ignore_eos=True), use_tqdm=False
     )
     assert long[0].finish_reason == "length" and len(long[0].token_ids) == 4  # capped by max_model_len
-    many = llm.generate([[7, 8]], SamplingParams(n=3, temperature=1.0, max_tokens=6, seed=3, ignore_eos=True),
-                        use_tqdm=False)[0]  # fmt: skip
+    many = llm.generate(
+        [[7, 8]], SamplingParams(n=3, temperature=1.0, max_tokens=6, seed=3, ignore_eos=True), use_tqdm=False
+    )[0]
     assert [o.index for o in many.outputs] == [0, 1, 2] and all(len(o.token_ids) == 6 for o in many.outputs)
 
 
@@ -157,13 +167,17 @@ def test_abort_frees_the_cache():
 def test_text_prompts_stop_strings_and_multibyte(tiny_tokenizer):
     model = tiny_model("tiny-m2")
     llm = LLM(model, tokenizer=tiny_tokenizer, max_model_len=128)
-    free = llm.generate("Weather in Paris?", SamplingParams(temperature=0, max_tokens=24, ignore_eos=True),
-                        use_tqdm=False)[0]  # fmt: skip
+    free = llm.generate(
+        "Weather in Paris?", SamplingParams(temperature=0, max_tokens=24, ignore_eos=True), use_tqdm=False
+    )[0]
     assert free.text == tiny_tokenizer.decode(free.token_ids)
     if len(free.text) > 4:
         stop = free.text[2:4]
-        cut = llm.generate("Weather in Paris?", SamplingParams(temperature=0, max_tokens=24, stop=[stop],
-                                                                ignore_eos=True), use_tqdm=False)[0]  # fmt: skip
+        cut = llm.generate(
+            "Weather in Paris?",
+            SamplingParams(temperature=0, max_tokens=24, stop=[stop], ignore_eos=True),
+            use_tqdm=False,
+        )[0]
         assert cut.finish_reason == "stop" and cut.outputs[0].stop_reason == stop
         assert cut.text == free.text[: free.text.find(stop)]
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from mmx import MiniMaxConfig
@@ -103,3 +104,28 @@ def test_router_stays_float32_in_a_bf16_model():
     assert model.model.layers[0].mlp.gate.weight.dtype == torch.float32
     assert model.model.layers[0].mlp.e_score_correction_bias.dtype == torch.float32
     assert model.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("path", ["log-sum-exp", "blocked-mask"])
+@pytest.mark.parametrize("heads, kv_heads, t, past", [(4, 2, 7, 13), (8, 8, 33, 100), (6, 1, 40, 3)])
+def test_chunk_continuation_attention(path, heads, kv_heads, t, past, monkeypatch):
+    """A prefill chunk after cached keys (query i at position past + i) against a dense masked float64 reference,
+    through the mask-free log-sum-exp merge and through the blocked masked fallback."""
+    import mmx.model.cache as cache_module
+
+    if path == "blocked-mask":
+        monkeypatch.setattr(cache_module, "_FLASH_CPU", None)
+        monkeypatch.setattr(cache_module, "MASKED_QUERY_BLOCK", 8)
+    q, k, v = (
+        torch.randn(1, heads, t, 16),
+        torch.randn(1, kv_heads, past + t, 16),
+        torch.randn(1, kv_heads, past + t, 16),
+    )
+    rows = torch.arange(t)[:, None] + past
+    mask = torch.arange(past + t)[None, :] <= rows
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q.double(), k.double(), v.double(), attn_mask=mask, scale=0.25, enable_gqa=True
+    )
+    torch.testing.assert_close(
+        cache_module.causal_softmax(q, k, v, 0.25, q_offset=past).double(), expected, rtol=1e-5, atol=1e-5
+    )

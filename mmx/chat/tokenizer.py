@@ -119,8 +119,9 @@ class Tokenizer:
         if template is None:
             raise ValueError("this tokenizer has no chat template; pass chat_template= or use one of mmx's templates")
         specials = {k: getattr(self, k) for k in ("bos_token", "eos_token", "pad_token") if getattr(self, k)}
-        return render_chat(template, messages, tools=tools, add_generation_prompt=add_generation_prompt, **specials,
-                           **kwargs)  # fmt: skip
+        return render_chat(
+            template, messages, tools=tools, add_generation_prompt=add_generation_prompt, **specials, **kwargs
+        )
 
 
 def _token_text(value: Any) -> str | None:

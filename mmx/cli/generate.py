@@ -31,9 +31,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     llm = LLM(resolve_model(args.model), **engine_kwargs(args))
     params = SamplingParams(
-        n=args.n, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, max_tokens=args.max_tokens,
+        n=args.n,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        max_tokens=args.max_tokens,
         seed=args.sampling_seed,
-    )  # fmt: skip
+    )
     if args.chat:
         system = [{"role": "system", "content": args.system}] if args.system else []
         conversations = [[*system, {"role": "user", "content": p}] for p in args.prompt]
@@ -43,8 +47,12 @@ def run(args: argparse.Namespace) -> int:
     style = detect_style(llm.tokenizer, llm.engine.config) if args.chat else None
     for prompt, out in zip(args.prompt, outputs):
         for sample in out.outputs:
-            record = {"prompt": prompt, "text": sample.text, "finish_reason": sample.finish_reason,
-                      "tokens": len(sample.token_ids)}  # fmt: skip
+            record = {
+                "prompt": prompt,
+                "text": sample.text,
+                "finish_reason": sample.finish_reason,
+                "tokens": len(sample.token_ids),
+            }
             if style:
                 from mmx.chat import parse_tool_calls, split_reasoning
 

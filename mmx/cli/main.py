@@ -11,6 +11,7 @@ SUBCOMMANDS = {
     "info": "mmx.cli.info",
     "generate": "mmx.cli.generate",
     "chat": "mmx.cli.chat",
+    "serve": "mmx.cli.serve",
     "demo": "mmx.cli.demo",
 }
 

@@ -50,6 +50,10 @@ class AsyncLLM:
     def tokenizer(self):
         return self.engine.tokenizer
 
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
     async def generate(
         self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None
     ) -> AsyncIterator[RequestOutput]:
@@ -115,6 +119,8 @@ class AsyncLLM:
     def _loop(self) -> None:
         while not self._stop:
             self._handle_commands()
+            self.stats.running = len(self.engine.scheduler.running)
+            self.stats.waiting = len(self.engine.scheduler.waiting)
             if not self.engine.has_unfinished_requests():
                 self._wake.wait(timeout=0.5)
                 self._wake.clear()

@@ -7,6 +7,8 @@ sequence holds one slot (one row in every lightning layer's pool).
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -81,13 +83,27 @@ class HybridCache:
                 self.values[i] = torch.zeros_like(self.keys[i])
         self.uses_blocks = bool(self.keys)
         self.uses_slots = bool(self.states)
-        self._free_blocks = list(range(layout.num_blocks - 1, -1, -1))
+        # Free blocks: a set, plus a min-heap (with stale entries) to hand out the lowest free id. A growing
+        # sequence takes the block right after its last one when it can, so long sequences usually own one
+        # contiguous run of blocks, which attention then reads as a view instead of gathering a copy.
+        self._free_blocks = set(range(layout.num_blocks))
+        self._free_heap = list(range(layout.num_blocks))
         self._free_slots = list(range(layout.num_slots - 1, -1, -1))
 
     # ------------------------------------------------------------------ accounting
     @property
     def num_free_blocks(self) -> int:
         return len(self._free_blocks)
+
+    def _take_block(self, after: int | None) -> int:
+        if after is not None and after + 1 in self._free_blocks:
+            self._free_blocks.remove(after + 1)
+            return after + 1
+        while True:
+            block = heapq.heappop(self._free_heap)
+            if block in self._free_blocks:
+                self._free_blocks.remove(block)
+                return block
 
     @property
     def num_free_slots(self) -> int:
@@ -108,16 +124,50 @@ class HybridCache:
         if self.uses_slots and seq.slot is None:
             seq.slot = self._free_slots.pop()
         for _ in range(self.blocks_to_grow(seq, num_tokens)):
-            seq.block_table.append(self._free_blocks.pop())
+            seq.block_table.append(self._take_block(seq.block_table[-1] if seq.block_table else None))
 
     def release(self, seq: Sequence) -> None:
-        self._free_blocks.extend(reversed(seq.block_table))
+        for block in seq.block_table:
+            self._free_blocks.add(block)
+            heapq.heappush(self._free_heap, block)
         seq.block_table = []
+        if len(self._free_heap) > 4 * max(1, self.layout.num_blocks):  # drop stale heap entries now and then
+            self._free_heap = sorted(self._free_blocks)
         if seq.slot is not None:
             self._free_slots.append(seq.slot)
             seq.slot = None
 
     # ------------------------------------------------------------------ addressing
+    def contiguous_start(self, seq: Sequence, num_tokens: int) -> int | None:
+        """First block of ``seq``'s first ``num_tokens`` tokens if those blocks are one contiguous run."""
+        n = math.ceil(num_tokens / self.block_size)
+        table = seq.block_table[:n]
+        if table and table[-1] - table[0] == n - 1 and all(b - a == 1 for a, b in itertools.pairwise(table)):
+            return table[0]
+        return None
+
+    def history(self, layer: int, seq: Sequence, num_tokens: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Keys and values [num_tokens, kv_heads, head_dim] of ``seq`` as views (no copy), if contiguous."""
+        first = self.contiguous_start(seq, num_tokens)
+        if first is None:
+            return None
+        n = math.ceil(num_tokens / self.block_size)
+        k = self.keys[layer][first : first + n].flatten(0, 1)[:num_tokens]
+        v = self.values[layer][first : first + n].flatten(0, 1)[:num_tokens]
+        return k, v
+
+    def padded_addresses(self, seqs: list[Sequence], lengths: list[int]) -> torch.Tensor:
+        """[len(seqs), max(lengths)] addresses of each sequence's first lengths[i] tokens, padded with 0."""
+        width = max(lengths)
+        blocks = -(-width // self.block_size)
+        tables = torch.zeros(len(seqs), blocks, dtype=torch.long)
+        for i, (seq, n) in enumerate(zip(seqs, lengths)):
+            used = -(-n // self.block_size)
+            tables[i, :used] = torch.tensor(seq.block_table[:used], dtype=torch.long)
+        positions = torch.arange(width)
+        out = tables[:, positions // self.block_size] * self.block_size + positions % self.block_size
+        return out.masked_fill_(positions[None, :] >= torch.tensor(lengths)[:, None], 0)
+
     def addresses(self, seq: Sequence, start: int, end: int) -> torch.Tensor:
         """Flat (block * block_size + offset) cache addresses of token positions start..end-1 of ``seq``."""
         positions = torch.arange(start, end)

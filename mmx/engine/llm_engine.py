@@ -25,6 +25,10 @@ from mmx.utils.logging import get_logger
 logger = get_logger(__name__)
 
 
+class InvalidRequest(ValueError):
+    """A request the engine refuses (empty or too long a prompt, bad ids, duplicate id): the caller's fault."""
+
+
 @dataclass
 class EngineArgs:
     """Engine settings (the names follow vLLM's)."""
@@ -124,8 +128,11 @@ class LLMEngine:
         self.step_count = 0
         logger.info(
             "engine: %d KV blocks of %d tokens, %d state slots, max_model_len %d",
-            layout.num_blocks, layout.block_size, layout.num_slots, self.max_model_len,
-        )  # fmt: skip
+            layout.num_blocks,
+            layout.block_size,
+            layout.num_slots,
+            self.max_model_len,
+        )
 
     @classmethod
     def from_pretrained(cls, path: str, **kwargs: Any) -> LLMEngine:
@@ -146,21 +153,21 @@ class LLMEngine:
     def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None) -> None:
         params = params or SamplingParams()
         if request_id in self.requests:
-            raise ValueError(f"request id {request_id!r} is already in use")
+            raise InvalidRequest(f"request id {request_id!r} is already in use")
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise ValueError(
+                raise InvalidRequest(
                     "a text prompt needs a tokenizer; pass token ids or load a checkpoint with tokenizer.json"
                 )
             text, ids = prompt, self.tokenizer.encode(prompt)
         else:
             text, ids = None, [int(t) for t in prompt]
         if not ids:
-            raise ValueError("the prompt is empty")
+            raise InvalidRequest("the prompt is empty")
         if min(ids) < 0 or max(ids) >= self.config.vocab_size:
-            raise ValueError(f"prompt token ids must lie in [0, {self.config.vocab_size})")
+            raise InvalidRequest(f"prompt token ids must lie in [0, {self.config.vocab_size})")
         if len(ids) >= self.max_model_len:
-            raise ValueError(
+            raise InvalidRequest(
                 f"the prompt has {len(ids)} tokens; max_model_len is {self.max_model_len}, leaving no room to generate"
             )
         request = _Request(request_id, text, ids, params, self)

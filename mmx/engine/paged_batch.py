@@ -16,6 +16,9 @@ from mmx.engine.sequence import Sequence
 from mmx.model.cache import causal_softmax
 from mmx.ops import lightning_decode, lightning_prefill
 
+# Decode histories at least this long are read in place (when contiguous) rather than gathered into the batch.
+LONG_CONTEXT = 1024
+
 
 class PagedBatch:
     def __init__(
@@ -26,6 +29,8 @@ class PagedBatch:
         device: torch.device,
     ):
         self.cache = cache
+        if cache.uses_slots:  # decode in slot order, so that a run of slots is updated in place
+            decode = sorted(decode, key=lambda s: s.slot)
         self.n_decode = len(decode)
         starts = [seq.num_computed_tokens for seq in decode] + [seq.num_computed_tokens for seq, _ in prefill]
         lengths = [1] * len(decode) + [n for _, n in prefill]
@@ -45,22 +50,37 @@ class PagedBatch:
             self.slot_mapping = torch.cat([cache.addresses(s, a, a + n) for s, a, n in zip(seqs, starts, lengths)]).to(
                 device
             )
-            if decode:
-                contexts = [seq.num_computed_tokens + 1 for seq in decode]
-                width = max(contexts)
-                self.decode_gather = torch.stack(
-                    [F.pad(cache.addresses(seq, 0, c), (0, width - c)) for seq, c in zip(decode, contexts)]
-                ).to(device)
-                self.decode_mask = torch.arange(width, device=device)[None, :] < torch.tensor(contexts, **long)[:, None]
-            self.prefill_gather = [
-                cache.addresses(seq, 0, seq.num_computed_tokens + n).to(device) if seq.num_computed_tokens else None
+            # Long histories held in one contiguous run of blocks are read as views, one SDPA call each; the rest
+            # of the decode tokens share one padded SDPA call over gathered copies.
+            contexts = [seq.num_computed_tokens + 1 for seq in decode]
+            self.decode_views = [
+                (i, seq, c)
+                for i, (seq, c) in enumerate(zip(decode, contexts))
+                if c >= LONG_CONTEXT and cache.contiguous_start(seq, c) is not None
+            ]
+            viewed = {i for i, _, _ in self.decode_views}
+            self.decode_rows = [i for i in range(len(decode)) if i not in viewed]
+            if self.decode_rows:
+                seqs_, lengths_ = [decode[i] for i in self.decode_rows], [contexts[i] for i in self.decode_rows]
+                self.decode_gather = cache.padded_addresses(seqs_, lengths_).to(device)
+                lengths = torch.tensor(lengths_, **long)
+                self.decode_mask = torch.arange(max(lengths_), device=device)[None, :] < lengths[:, None]
+                self.decode_rows_tensor = torch.tensor(self.decode_rows, **long)
+            self.prefill_past = [
+                None
+                if not seq.num_computed_tokens
+                else (seq, seq.num_computed_tokens + n)
+                if cache.contiguous_start(seq, seq.num_computed_tokens + n) is not None
+                else cache.addresses(seq, 0, seq.num_computed_tokens + n).to(device)
                 for seq, n in prefill
             ]
         self.prefill_spans = [
             (offsets[len(decode) + i], seq.num_computed_tokens, n) for i, (seq, n) in enumerate(prefill)
         ]
         if cache.uses_slots:
-            self.decode_slots = torch.tensor([seq.slot for seq in decode], **long)
+            slots = [seq.slot for seq in decode]
+            contiguous = bool(slots) and slots[-1] - slots[0] == len(slots) - 1
+            self.decode_slots = slice(slots[0], slots[-1] + 1) if contiguous else torch.tensor(slots, **long)
             self.prefill_slots = torch.tensor([seq.slot for seq, _ in prefill], **long)
             self.prefill_has_state = torch.tensor([seq.num_computed_tokens > 0 for seq, _ in prefill], device=device)
             cu = [0]
@@ -84,23 +104,34 @@ class PagedBatch:
         new_k, new_v = k[0].transpose(0, 1), v[0].transpose(0, 1)  # [N, G, D]
         keys.index_copy_(0, self.slot_mapping, new_k)
         values.index_copy_(0, self.slot_mapping, new_v)
+        gqa = q.shape[1] != g
         outs = []
         if self.n_decode:
-            ks = keys[self.decode_gather].permute(0, 2, 1, 3)  # [n, G, L, D]
-            vs = values[self.decode_gather].permute(0, 2, 1, 3)
-            qs = q[0, :, : self.n_decode].transpose(0, 1)[:, :, None]  # [n, H, 1, D]
-            mask = self.decode_mask[:, None, None, :]
-            out = F.scaled_dot_product_attention(
-                qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=ks.shape[1] != qs.shape[1]
-            )
-            outs.append(out[:, :, 0].transpose(0, 1))  # [H, n, D]
-        for (offset, start, n), gather in zip(self.prefill_spans, self.prefill_gather):
+            out = q.new_empty(q.shape[1], self.n_decode, d)
+            if self.decode_rows:
+                ks = keys[self.decode_gather].permute(0, 2, 1, 3)  # [n, G, L, D]
+                vs = values[self.decode_gather].permute(0, 2, 1, 3)
+                qs = q[0, :, self.decode_rows_tensor].transpose(0, 1)[:, :, None]  # [n, H, 1, D]
+                mask = self.decode_mask[:, None, None, :]
+                o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=gqa)
+                out[:, self.decode_rows_tensor] = o[:, :, 0].transpose(0, 1)
+            for i, seq, context in self.decode_views:
+                ks, vs = self.cache.history(layer_idx, seq, context)
+                qs = q[:, :, i : i + 1]
+                o = F.scaled_dot_product_attention(
+                    qs, ks.permute(1, 0, 2)[None], vs.permute(1, 0, 2)[None], scale=scale, enable_gqa=gqa
+                )
+                out[:, i] = o[0, :, 0]
+            outs.append(out)
+        for (offset, start, n), past in zip(self.prefill_spans, self.prefill_past):
             qs = q[:, :, offset : offset + n]
-            if gather is None:  # a fresh sequence: its keys are exactly the new ones
+            if past is None:  # a fresh sequence: its keys are exactly the new ones
                 ks, vs = k[:, :, offset : offset + n], v[:, :, offset : offset + n]
+            elif isinstance(past, tuple):  # a contiguous history: views
+                hk, hv = self.cache.history(layer_idx, *past)
+                ks, vs = hk.permute(1, 0, 2)[None], hv.permute(1, 0, 2)[None]
             else:
-                ks = keys[gather].permute(1, 0, 2)[None]
-                vs = values[gather].permute(1, 0, 2)[None]
+                ks, vs = keys[past].permute(1, 0, 2)[None], values[past].permute(1, 0, 2)[None]
             outs.append(causal_softmax(qs, ks, vs, scale, q_offset=start)[0])
         return torch.cat(outs, dim=1)[None]
 
@@ -115,8 +146,14 @@ class PagedBatch:
         if self.prefill_spans:
             outs.append(
                 lightning_prefill(
-                    q[:, nd:], k[:, nd:], v[:, nd:], rates, self.prefill_cu, pool, self.prefill_slots,
+                    q[:, nd:],
+                    k[:, nd:],
+                    v[:, nd:],
+                    rates,
+                    self.prefill_cu,
+                    pool,
+                    self.prefill_slots,
                     self.prefill_has_state,
                 )
-            )  # fmt: skip
+            )
         return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]

@@ -57,6 +57,15 @@ class Sampler:
         logits = logits.float().cpu()
         want_logprobs = any(s.params.logprobs is not None for s in seqs)
         raw = logits.log_softmax(-1) if want_logprobs else None
+        plain = [
+            s.params.greedy
+            and not s.params.needs_token_counts
+            and len(s.output_token_ids) >= s.params.min_tokens
+            and s.params.logprobs is None
+            for s in seqs
+        ]
+        if all(plain):  # the common greedy batch: one argmax for every row
+            return [(int(t), None) for t in logits.argmax(-1).tolist()]
         results = []
         for i, seq in enumerate(seqs):
             row = logits[i].clone()

@@ -43,6 +43,12 @@ class AttentionCache(Protocol):
         ...
 
 
+# Queries per SDPA call when a chunk continues a history and no log-sum-exp kernel is at hand: the boolean mask is
+# [rows, keys], so this bounds its memory (512 x 64K keys = 32 MB) instead of growing as chunk x context.
+MASKED_QUERY_BLOCK = 512
+_FLASH_CPU = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
 def causal_softmax(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, q_offset: int = 0) -> torch.Tensor:
     """GQA softmax attention where query i sits at absolute position q_offset + i and keys start at 0."""
     t, s = q.shape[2], k.shape[2]
@@ -51,9 +57,40 @@ def causal_softmax(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
         return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
     if q_offset == 0 and t == s:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
-    rows = torch.arange(t, device=q.device)[:, None] + q_offset
-    mask = torch.arange(s, device=q.device)[None, :] <= rows
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    if q.device.type == "cpu" and _FLASH_CPU is not None and 0 < q_offset == s - t:
+        return _continue_with_lse(q, k, v, scale, q_offset)
+    outs = []
+    for r0 in range(0, t, MASKED_QUERY_BLOCK):
+        r1 = min(t, r0 + MASKED_QUERY_BLOCK)
+        visible = q_offset + r1  # keys past the block's last query are never seen: leave them out
+        rows = torch.arange(r0, r1, device=q.device)[:, None] + q_offset
+        mask = torch.arange(visible, device=q.device)[None, :] <= rows
+        block = F.scaled_dot_product_attention(
+            q[:, :, r0:r1], k[:, :, :visible], v[:, :, :visible], attn_mask=mask, scale=scale, enable_gqa=gqa
+        )
+        outs.append(block)
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+
+def _continue_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, past: int) -> torch.Tensor:
+    """A chunk of t queries after ``past`` cached keys, without any mask: attention over the past keys (all visible)
+    and over the chunk's own keys (a causal square), merged by their log-sum-exps. Memory stays in the kernel's
+    tiles instead of a [heads, t, past + t] mask."""
+    b, h, t, d = q.shape
+    g = k.shape[1]
+    r = h // g
+    # Past part: the r query heads that share a KV head attend to it as one head of r * t rows (no K / V copies).
+    grouped = q.reshape(b, g, r * t, d)
+    out_past, lse_past = _FLASH_CPU(grouped, k[:, :, :past], v[:, :, :past], 0.0, False, scale=scale)
+    out_past, lse_past = out_past.reshape(b, h, t, d), lse_past.reshape(b, h, t)
+    new_k, new_v = k[:, :, past:], v[:, :, past:]
+    if r > 1:  # the causal square needs one KV head per query head; these are only the chunk's keys
+        new_k, new_v = new_k.repeat_interleave(r, dim=1), new_v.repeat_interleave(r, dim=1)
+    out_new, lse_new = _FLASH_CPU(q, new_k, new_v, 0.0, True, scale=scale)
+    top = torch.maximum(lse_past, lse_new)
+    w_past, w_new = torch.exp(lse_past - top)[..., None], torch.exp(lse_new - top)[..., None]
+    merged = (out_past.float() * w_past + out_new.float() * w_new) / (w_past + w_new)
+    return merged.to(q.dtype)
 
 
 class DenseCache:

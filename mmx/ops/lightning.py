@@ -132,14 +132,17 @@ def lightning_decode(
     v: torch.Tensor,
     rates: torch.Tensor,
     state: torch.Tensor,
-    slots: torch.Tensor | None = None,
+    slots: torch.Tensor | slice | None = None,
     backend: str = "auto",
 ) -> torch.Tensor:
     """One token for each of N sequences: q, k [N, H, Dk], v [N, H, Dv] -> output [N, H, Dv].
 
-    ``state`` is either [N, H, Dk, Dv] (updated in place), or a pool [S, H, Dk, Dv] with ``slots`` [N] naming the
-    row of each sequence (gathered, updated, scattered back). Cost per token is independent of context length."""
+    ``state`` is either [N, H, Dk, Dv] (updated in place), or a pool [S, H, Dk, Dv] with ``slots`` naming the row
+    of each sequence: a slice (a contiguous run of rows, updated in place) or an index tensor [N] (gathered,
+    updated, scattered back). Cost per token is independent of context length."""
     backend = resolve_backend(backend, q.device)
+    if isinstance(slots, slice):
+        state, slots = state[slots], None
     if backend == "triton":
         from mmx.ops.lightning_triton import lightning_decode_triton
 

@@ -50,12 +50,29 @@ if AVAILABLE:
 
     @triton.jit
     def _fwd_kernel(
-        q, k, v, o, rates, h0, ht, cu,
-        s_qt, s_qh, s_vt, s_vh, s_ot, s_oh,
-        H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-        BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
-        USE_H0: tl.constexpr, PRECISION: tl.constexpr,
-    ):  # fmt: skip
+        q,
+        k,
+        v,
+        o,
+        rates,
+        h0,
+        ht,
+        cu,
+        s_qt,
+        s_qh,
+        s_vt,
+        s_vh,
+        s_ot,
+        s_oh,
+        H: tl.constexpr,
+        DK: tl.constexpr,
+        DV: tl.constexpr,
+        BK: tl.constexpr,
+        BV: tl.constexpr,
+        BT: tl.constexpr,
+        USE_H0: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
         i_v, i_nh = tl.program_id(0), tl.program_id(1)
         i_n, i_h = i_nh // H, i_nh % H
         bos = tl.load(cu + i_n).to(tl.int64)
@@ -85,16 +102,33 @@ if AVAILABLE:
             tl.store(o_ptr, b_o.to(o.dtype.element_ty), mask=o_mask)
             b_kv = (b_v * k_dec[:, None]).to(b_k.dtype)
             b_h = b_h * tl.exp(-s * m) + tl.dot(tl.trans(b_k), b_kv, input_precision=PRECISION)
-        tl.store(ht + i_nh * DK * DV + state_ptr, b_h, mask=state_mask)  # fmt: skip
+        tl.store(ht + i_nh * DK * DV + state_ptr, b_h, mask=state_mask)
 
     @triton.jit
     def _bwd_dq_kernel(
-        k, v, do, dq, rates, h0, cu,
-        s_qt, s_qh, s_vt, s_vh, s_dqv, s_dqt, s_dqh,
-        H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-        BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
-        USE_H0: tl.constexpr, PRECISION: tl.constexpr,
-    ):  # fmt: skip
+        k,
+        v,
+        do,
+        dq,
+        rates,
+        h0,
+        cu,
+        s_qt,
+        s_qh,
+        s_vt,
+        s_vh,
+        s_dqv,
+        s_dqt,
+        s_dqh,
+        H: tl.constexpr,
+        DK: tl.constexpr,
+        DV: tl.constexpr,
+        BK: tl.constexpr,
+        BV: tl.constexpr,
+        BT: tl.constexpr,
+        USE_H0: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
         """Forward sweep: dQ = ((dO V^T) * diag) K + q_dec * (dO S_in^T), one partial per value block."""
         i_v, i_nh = tl.program_id(0), tl.program_id(1)
         i_n, i_h = i_nh // H, i_nh % H
@@ -124,16 +158,36 @@ if AVAILABLE:
             dq_ptr, dq_mask = _tile(dq + i_v * s_dqv, rows, offs_k, s_dqt, s_dqh, i_h, mt, mk)
             tl.store(dq_ptr, b_dq, mask=dq_mask)
             b_kv = (b_v * k_dec[:, None]).to(b_k.dtype)
-            b_h = b_h * tl.exp(-s * m) + tl.dot(tl.trans(b_k), b_kv, input_precision=PRECISION)  # fmt: skip
+            b_h = b_h * tl.exp(-s * m) + tl.dot(tl.trans(b_k), b_kv, input_precision=PRECISION)
 
     @triton.jit
     def _bwd_dkv_kernel(
-        q, k, v, do, dk, dv, rates, dht, dh0, cu,
-        s_qt, s_qh, s_vt, s_vh, s_dkv, s_dkt, s_dkh,
-        H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr,
-        BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
-        USE_DHT: tl.constexpr, PRECISION: tl.constexpr,
-    ):  # fmt: skip
+        q,
+        k,
+        v,
+        do,
+        dk,
+        dv,
+        rates,
+        dht,
+        dh0,
+        cu,
+        s_qt,
+        s_qh,
+        s_vt,
+        s_vh,
+        s_dkv,
+        s_dkt,
+        s_dkh,
+        H: tl.constexpr,
+        DK: tl.constexpr,
+        DV: tl.constexpr,
+        BK: tl.constexpr,
+        BV: tl.constexpr,
+        BT: tl.constexpr,
+        USE_DHT: tl.constexpr,
+        PRECISION: tl.constexpr,
+    ):
         """Reverse sweep with G, the gradient reaching the state at the end of the chunk:
         dK = ((dO V^T) * diag)^T Q + k_dec * (V G^T) (partial per value block), dV = A^T dO + k_dec * (K G),
         G <- lambda^m G + Q^T (q_dec * dO); what is left in G is the initial state's gradient."""
@@ -175,14 +229,29 @@ if AVAILABLE:
             tl.store(dv_ptr, b_dv.to(dv.dtype.element_ty), mask=dv_mask)
             b_qdo = (b_do * q_dec[:, None]).to(b_q.dtype)
             b_g = b_g * tl.exp(-s * m) + tl.dot(tl.trans(b_q), b_qdo, input_precision=PRECISION)
-        tl.store(dh0 + i_nh * DK * DV + state_ptr, b_g, mask=state_mask)  # fmt: skip
+        tl.store(dh0 + i_nh * DK * DV + state_ptr, b_g, mask=state_mask)
 
     @triton.jit
     def _decode_kernel(
-        q, k, v, o, rates, pool, slots,
-        s_qn, s_qh, s_vn, s_vh, s_on, s_oh,
-        H: tl.constexpr, DK: tl.constexpr, DV: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    ):  # fmt: skip
+        q,
+        k,
+        v,
+        o,
+        rates,
+        pool,
+        slots,
+        s_qn,
+        s_qh,
+        s_vn,
+        s_vh,
+        s_on,
+        s_oh,
+        H: tl.constexpr,
+        DK: tl.constexpr,
+        DV: tl.constexpr,
+        BK: tl.constexpr,
+        BV: tl.constexpr,
+    ):
         """S <- lambda S + k^T v; o = q S for one token of sequence n, head h, value block i_v (in place)."""
         i_v, i_nh = tl.program_id(0), tl.program_id(1)
         i_n, i_h = i_nh // H, i_nh % H
@@ -199,7 +268,7 @@ if AVAILABLE:
         b_h = b_h * tl.exp(-s) + b_k[:, None] * b_v[None, :]
         b_o = tl.sum(b_q[:, None] * b_h, axis=0)
         tl.store(ptr, b_h, mask=mk[:, None] & mv[None, :])
-        tl.store(o + i_n * s_on + i_h * s_oh + offs_v, b_o.to(o.dtype.element_ty), mask=mv)  # fmt: skip
+        tl.store(o + i_n * s_on + i_h * s_oh + offs_v, b_o.to(o.dtype.element_ty), mask=mv)
 
 
 def _as_tokens(x: torch.Tensor) -> torch.Tensor:
@@ -230,11 +299,29 @@ class _LightningTriton(torch.autograd.Function):
         rates = rates.float().contiguous()
         grid = (triton.cdiv(dv, bv), n * h)
         _fwd_kernel[grid](
-            qf, kf, vf, out, rates, h0, final, cu_seqlens,
-            qf.stride(0), qf.stride(1), vf.stride(0), vf.stride(1), out.stride(0), out.stride(1),
-            H=h, DK=dk, DV=dv, BK=bk, BV=bv, BT=CHUNK,
-            USE_H0=initial_state is not None, PRECISION=_precision(q.dtype),
-        )  # fmt: skip
+            qf,
+            kf,
+            vf,
+            out,
+            rates,
+            h0,
+            final,
+            cu_seqlens,
+            qf.stride(0),
+            qf.stride(1),
+            vf.stride(0),
+            vf.stride(1),
+            out.stride(0),
+            out.stride(1),
+            H=h,
+            DK=dk,
+            DV=dv,
+            BK=bk,
+            BV=bv,
+            BT=CHUNK,
+            USE_H0=initial_state is not None,
+            PRECISION=_precision(q.dtype),
+        )
         ctx.save_for_backward(qf, kf, vf, rates, h0 if initial_state is not None else None, cu_seqlens)
         ctx.shape = (q.shape, v.shape)
         return out.view(*q.shape[:3], dv), final
@@ -260,17 +347,44 @@ class _LightningTriton(torch.autograd.Function):
         dht = grad_final.float().contiguous() if grad_final is not None else dh0
         common = dict(H=h, DK=dk, DV=dv, BK=bk, BV=bv, BT=CHUNK, PRECISION=_precision(qf.dtype))
         _bwd_dq_kernel[(nv, n * h)](
-            kf, vf, do, dq_parts, rates, h0 if h0 is not None else dh0, cu,
-            kf.stride(0), kf.stride(1), vf.stride(0), vf.stride(1),
-            dq_parts.stride(0), dq_parts.stride(1), dq_parts.stride(2),
-            USE_H0=h0 is not None, **common,
-        )  # fmt: skip
+            kf,
+            vf,
+            do,
+            dq_parts,
+            rates,
+            h0 if h0 is not None else dh0,
+            cu,
+            kf.stride(0),
+            kf.stride(1),
+            vf.stride(0),
+            vf.stride(1),
+            dq_parts.stride(0),
+            dq_parts.stride(1),
+            dq_parts.stride(2),
+            USE_H0=h0 is not None,
+            **common,
+        )
         _bwd_dkv_kernel[(nv, n * h)](
-            qf, kf, vf, do, dk_parts, dv_, rates, dht, dh0, cu,
-            qf.stride(0), qf.stride(1), vf.stride(0), vf.stride(1),
-            dk_parts.stride(0), dk_parts.stride(1), dk_parts.stride(2),
-            USE_DHT=grad_final is not None, **common,
-        )  # fmt: skip
+            qf,
+            kf,
+            vf,
+            do,
+            dk_parts,
+            dv_,
+            rates,
+            dht,
+            dh0,
+            cu,
+            qf.stride(0),
+            qf.stride(1),
+            vf.stride(0),
+            vf.stride(1),
+            dk_parts.stride(0),
+            dk_parts.stride(1),
+            dk_parts.stride(2),
+            USE_DHT=grad_final is not None,
+            **common,
+        )
         dq = dq_parts.sum(0).to(qf.dtype).view(q_shape)
         dk_ = dk_parts.sum(0).to(kf.dtype).view(q_shape)
         return dq, dk_, dv_.reshape(v_shape), None, (dh0 if h0 is not None else None), None
@@ -307,14 +421,29 @@ def lightning_decode_triton(
     n, h, dk = q.shape
     dv = v.shape[-1]
     if state.dtype != torch.float32 or not state.is_contiguous():
-        raise ValueError("the lightning state pool must be a contiguous float32 tensor")
+        raise ValueError("the lightning state pool must be a contiguous float32 tensor (rows may be a slice of one)")
     if slots is None:
         slots = torch.arange(n, device=q.device)
     bk, bv = _block_sizes(dk, dv)
     out = torch.empty(n, h, dv, dtype=q.dtype, device=q.device)
     _decode_kernel[(triton.cdiv(dv, bv), n * h)](
-        q, k, v, out, rates.float().contiguous(), state, slots.to(torch.int64),
-        q.stride(0), q.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-        H=h, DK=dk, DV=dv, BK=bk, BV=bv,
-    )  # fmt: skip
+        q,
+        k,
+        v,
+        out,
+        rates.float().contiguous(),
+        state,
+        slots.to(torch.int64),
+        q.stride(0),
+        q.stride(1),
+        v.stride(0),
+        v.stride(1),
+        out.stride(0),
+        out.stride(1),
+        H=h,
+        DK=dk,
+        DV=dv,
+        BK=bk,
+        BV=bv,
+    )
     return out

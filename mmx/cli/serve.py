@@ -1,0 +1,72 @@
+"""``mmx serve [MODEL]``: an OpenAI- and Anthropic-compatible server (127.0.0.1 by default)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from mmx.cli.common import add_engine_args, add_model_arg, detect_style, engine_kwargs, resolve_model
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="serve a model over the OpenAI and Anthropic HTTP APIs")
+    add_model_arg(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=os.environ.get("MMX_API_KEY"), help="require this key (or $MMX_API_KEY)")
+    p.add_argument("--served-model-name", default=None, help="model id clients use (default: the directory name)")
+    p.add_argument(
+        "--chat-template",
+        default=None,
+        help="a .jinja file, or minimax_m1 / minimax_m2 (default: the checkpoint's template)",
+    )
+    p.add_argument(
+        "--reasoning-mode",
+        choices=["split", "append_think"],
+        default="split",
+        help="split: reasoning in reasoning_content; append_think: <think>...</think> kept in content",
+    )
+    p.add_argument("--max-body-mb", type=float, default=8.0, help="largest request body accepted")
+    p.add_argument("--log-level", default="info")
+    add_engine_args(p)
+
+
+def resolve_template(option: str | None, tokenizer, config) -> str:
+    from mmx.chat.template import builtin_template
+
+    if option and os.path.exists(option):
+        with open(option, encoding="utf-8") as f:
+            return f.read()
+    if option:
+        return builtin_template(option)
+    if tokenizer.chat_template:
+        return tokenizer.chat_template
+    return builtin_template("minimax_m2" if config.architecture == "minimax_m2" else "minimax_m1")
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from mmx.engine import AsyncLLM, LLMEngine
+    from mmx.serve import ServerState, build_app
+
+    path = resolve_model(args.model)
+    engine = LLMEngine.from_pretrained(path, **engine_kwargs(args))
+    if engine.tokenizer is None:
+        raise FileNotFoundError(f"{path} has no tokenizer.json; the server needs one")
+    template = resolve_template(args.chat_template, engine.tokenizer, engine.config)
+    engine.tokenizer.chat_template = template
+    state = ServerState(
+        engine=AsyncLLM(engine),
+        model_name=args.served_model_name or os.path.basename(os.path.normpath(path)),
+        model_path=path,
+        max_model_len=engine.max_model_len,
+        vocab_size=engine.config.vocab_size,
+        template=template,
+        style=detect_style(engine.tokenizer, engine.config),
+        reasoning_mode=args.reasoning_mode,
+    )
+    app = build_app(state, api_key=args.api_key, max_body_bytes=int(args.max_body_mb * (1 << 20)))
+    print(f"mmx: serving {state.model_name!r} on http://{args.host}:{args.port}/v1 ({state.style} format)", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0

@@ -1,0 +1,232 @@
+"""Anthropic-compatible route: POST /v1/messages (MiniMax recommends this API for M2's interleaved thinking).
+
+Thinking blocks carry the reasoning both ways: a response's reasoning comes back as a ``thinking`` block, and
+``thinking`` blocks sent in assistant turns are rendered back into the prompt.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+
+from mmx.engine.sampling_params import SamplingParams
+from mmx.serve.chat import ChatRunner, ChatTurn, RequestError
+from mmx.serve.protocol import AnthropicMessagesRequest
+
+router = APIRouter()
+
+
+def _text_of(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    return "".join(b.get("text", "") for b in content or [] if b.get("type") == "text")
+
+
+def to_turn(body: AnthropicMessagesRequest) -> ChatTurn:
+    """Anthropic messages as the OpenAI-style conversation the templates read."""
+    messages: list[dict[str, Any]] = []
+    if body.system:
+        messages.append({"role": "system", "content": _text_of(body.system)})
+    for m in body.messages:
+        if isinstance(m.content, str):
+            messages.append({"role": m.role, "content": m.content})
+            continue
+        if m.role == "user":
+            texts = []
+            for block in m.content:
+                if block["type"] == "tool_result":
+                    result = _text_of(block.get("content"))
+                    if block.get("is_error"):
+                        result = f"Error: {result}"
+                    messages.append({"role": "tool", "tool_call_id": block.get("tool_use_id"), "content": result})
+                elif block["type"] == "text":
+                    texts.append(block["text"])
+            if texts:
+                messages.append({"role": "user", "content": "".join(texts)})
+        else:
+            reasoning = "".join(b.get("thinking", "") for b in m.content if b["type"] == "thinking")
+            calls = [
+                {
+                    "id": b.get("id"),
+                    "type": "function",
+                    "function": {"name": b["name"], "arguments": b.get("input") or {}},
+                }
+                for b in m.content
+                if b["type"] == "tool_use"
+            ]
+            message: dict[str, Any] = {"role": "assistant", "content": _text_of(m.content)}
+            if reasoning:
+                message["reasoning_content"] = reasoning
+            if calls:
+                message["tool_calls"] = calls
+            messages.append(message)
+    tools = None
+    if body.tools:
+        tools = [
+            {
+                "type": "function",
+                "function": {"name": t.name, "description": t.description or "", "parameters": t.input_schema},
+            }
+            for t in body.tools
+        ]
+    choice = (body.tool_choice or {}).get("type", "auto")
+    tool_choice = {"auto": "auto", "any": "required", "none": "none"}.get(choice) or body.tool_choice["name"]
+    return ChatTurn(messages, tools, tool_choice if tools else "none")
+
+
+def _stop(reason: str, stop_reason) -> tuple[str, str | None]:
+    if reason == "tool_calls":
+        return "tool_use", None
+    if reason == "length":
+        return "max_tokens", None
+    if isinstance(stop_reason, str):
+        return "stop_sequence", stop_reason
+    return "end_turn", None
+
+
+@router.post("/v1/messages")
+async def messages(body: AnthropicMessagesRequest, request: Request):
+    state = request.app.state.mmx
+    if body.model != state.model_name:
+        raise RequestError(f"model {body.model!r} not found; this server serves {state.model_name!r}", "model", 404)
+    runner: ChatRunner = state.runner_for("split")
+    turn = to_turn(body)
+    _, ids, prefix = runner.build_prompt(turn)
+    try:
+        params = SamplingParams(
+            temperature=1.0 if body.temperature is None else body.temperature,
+            top_p=body.top_p or 1.0,
+            top_k=body.top_k or 0,
+            max_tokens=body.max_tokens,
+            stop=body.stop_sequences or [],
+        )
+    except ValueError as e:
+        raise RequestError(str(e)) from e
+    ChatRunner.clamp_max_tokens(params, len(ids), state.max_model_len)
+    mid = f"msg_{uuid.uuid4().hex[:24]}"
+    state.metrics.request_started("messages")
+    if body.stream:
+        return StreamingResponse(_stream(state, runner, ids, params, turn, prefix, mid), media_type="text/event-stream")
+    start = time.perf_counter()
+    (result,), _ = await runner.complete(ids, params, turn, prefix, mid)
+    state.metrics.request_finished("messages", time.perf_counter() - start)
+    content: list[dict[str, Any]] = []
+    if result.reasoning:
+        content.append({"type": "thinking", "thinking": result.reasoning, "signature": ""})
+    if result.content:
+        content.append({"type": "text", "text": result.content})
+    for call in result.tool_calls:
+        content.append(
+            {"type": "tool_use", "id": "toolu_" + call["id"][5:], "name": call["name"], "input": call["arguments"]}
+        )
+    stop_reason, stop_sequence = _stop(result.finish_reason, result.stop_reason)
+    return {
+        "id": mid,
+        "type": "message",
+        "role": "assistant",
+        "model": state.model_name,
+        "content": content,
+        "stop_reason": stop_reason,
+        "stop_sequence": stop_sequence,
+        "usage": {"input_tokens": len(ids), "output_tokens": len(result.token_ids)},
+    }
+
+
+def _event(kind: str, data: dict) -> str:
+    return f"event: {kind}\ndata: {json.dumps({'type': kind, **data}, ensure_ascii=False)}\n\n"
+
+
+async def _stream(state, runner, ids, params, turn, prefix, mid) -> AsyncIterator[str]:
+    start = time.perf_counter()
+    message = {
+        "id": mid,
+        "type": "message",
+        "role": "assistant",
+        "model": state.model_name,
+        "content": [],
+        "stop_reason": None,
+        "stop_sequence": None,
+        "usage": {"input_tokens": len(ids), "output_tokens": 0},
+    }
+    yield _event("message_start", {"message": message})
+    index, open_kind, first = -1, None, True
+
+    def close():
+        nonlocal open_kind
+        if open_kind is None:
+            return []
+        out = []
+        if open_kind == "thinking":
+            out.append(
+                _event("content_block_delta", {"index": index, "delta": {"type": "signature_delta", "signature": ""}})
+            )
+        out.append(_event("content_block_stop", {"index": index}))
+        open_kind = None
+        return out
+
+    def open_block(kind: str, block: dict):
+        nonlocal index, open_kind
+        out = close()
+        index += 1
+        open_kind = kind
+        out.append(_event("content_block_start", {"index": index, "content_block": block}))
+        return out
+
+    try:
+        async for ev in runner.stream(ids, params, turn, prefix, mid):
+            if first:
+                state.metrics.first_token(time.perf_counter() - start)
+                first = False
+            events: list[str] = []
+            if ev.kind == "reasoning" and ev.text:
+                if open_kind != "thinking":
+                    events += open_block("thinking", {"type": "thinking", "thinking": ""})
+                events.append(
+                    _event(
+                        "content_block_delta",
+                        {"index": index, "delta": {"type": "thinking_delta", "thinking": ev.text}},
+                    )
+                )
+            elif ev.kind == "content" and ev.text:
+                if open_kind != "text":
+                    events += open_block("text", {"type": "text", "text": ""})
+                events.append(
+                    _event("content_block_delta", {"index": index, "delta": {"type": "text_delta", "text": ev.text}})
+                )
+            elif ev.kind == "tool_start":
+                events += open_block(
+                    "tool_use", {"type": "tool_use", "id": "toolu_" + ev.tool_id[5:], "name": ev.tool_name, "input": {}}
+                )
+            elif ev.kind == "tool_args":
+                events.append(
+                    _event(
+                        "content_block_delta",
+                        {"index": index, "delta": {"type": "input_json_delta", "partial_json": ev.text}},
+                    )
+                )
+            elif ev.kind == "finish":
+                events += close()
+                sample = ev.output.outputs[0]
+                stop_reason, stop_sequence = _stop(ev.finish_reason, sample.stop_reason)
+                events.append(
+                    _event(
+                        "message_delta",
+                        {
+                            "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
+                            "usage": {"output_tokens": len(sample.token_ids)},
+                        },
+                    )
+                )
+            for e in events:
+                yield e
+        yield _event("message_stop", {})
+        state.metrics.request_finished("messages", time.perf_counter() - start)
+    except (RequestError, ValueError, RuntimeError) as e:
+        state.metrics.request_failed("messages")
+        yield _event("error", {"error": {"type": "api_error", "message": str(e)}})
