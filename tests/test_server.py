@@ -310,6 +310,9 @@ SCRIPT = {
     "Weather in Paris?": 'The user wants the weather.\n</think>\n\nLet me check.<minimax:tool_call>\n<invoke name="get_weather">\n'
     '<parameter name="city">Paris</parameter>\n<parameter name="days">3</parameter>\n</invoke>\n</minimax:tool_call>',
     "<response>": "Got it: 20 degrees.\n</think>\n\nIt is 20°C in Paris.",
+    # continuation after the prefix the server pre-fills for tool_choice={"function": {"name": "get_weather"}}
+    '<invoke name="get_weather">\n': '<parameter name="city">Oslo</parameter>\n</invoke>\n</minimax:tool_call>',
+    "Just chat": "No tools here.\n</think>\n\nHello <minimax:tool_call> stays text",
 }
 
 
@@ -416,3 +419,24 @@ def test_tool_calls_and_thinking_anthropic(replay):
     assert [b.type for b in follow.content] == ["thinking", "text"] and follow.stop_reason == "end_turn"
     prompt = json.loads(log.read_text().splitlines()[-1])
     assert "<think>\nThe user wants the weather.\n</think>" in prompt and "<response>" in prompt
+
+
+def test_forced_and_disabled_tool_choice(replay):
+    url, log = replay
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    out = client.chat.completions.create(
+        model="replay", messages=[{"role": "user", "content": "Tell me a joke"}], tools=[WEATHER], tool_choice=named
+    )
+    prompt = json.loads(log.read_text().splitlines()[-1])
+    assert prompt.endswith('</think>\n\n<minimax:tool_call>\n<invoke name="get_weather">\n')
+    call = out.choices[0].message.tool_calls[0]
+    assert out.choices[0].finish_reason == "tool_calls"
+    assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "Oslo"}
+    # tool_choice "none": no tools in the prompt, and tool syntax in the output stays text
+    out = client.chat.completions.create(
+        model="replay", messages=[{"role": "user", "content": "Just chat"}], tools=[WEATHER], tool_choice="none"
+    )
+    prompt = json.loads(log.read_text().splitlines()[-1])
+    assert "# Tools" not in prompt
+    assert out.choices[0].message.tool_calls is None and "<minimax:tool_call>" in out.choices[0].message.content
