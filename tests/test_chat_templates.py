@@ -204,7 +204,20 @@ def test_rendering_equals_transformers(hf_tokenizer, tiny_tokenizer, template_na
 
 def test_generation_spans_mark_assistant_text():
     text, spans = render_chat(THIRD_PARTY, CONVERSATIONS[3], return_generation_spans=True)
-    assert spans == ["<end>", "<end>"] and text.count("<end>") == 2
+    assert [text[a:b] for a, b in spans] == ["<end>", "<end>"]
+    assert text == render_chat(THIRD_PARTY, CONVERSATIONS[3])  # the markers leave no trace
+    text, spans = render_chat(builtin_template("minimax_m2"), M2_TOOL_ROUND, tools=TOOLS, return_generation_spans=True)
+    assert [text[a:b] for a, b in spans] == [
+        '<think>\nNeed tool.\n</think>\n\nLet me check.<minimax:tool_call>\n<invoke name="get_weather">\n'
+        '<parameter name="city">Paris</parameter>\n<parameter name="days">3</parameter>\n</invoke>\n'
+        "</minimax:tool_call>[e~["
+    ]
+    m1 = render_chat(
+        builtin_template("minimax_m1"),
+        [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+        return_generation_spans=True,
+    )
+    assert [m1[0][a:b] for a, b in m1[1]] == ["b<end_of_sentence>"]
 
 
 def test_sandbox_blocks_unsafe_attributes():

@@ -5,7 +5,10 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from mmx.cli.main import main
+from mmx.embedded import embedded_model_path
 
 
 def test_help_lists_subcommands(capsys):
@@ -31,13 +34,17 @@ def test_bad_model_is_a_clean_error(capsys):
     assert "unknown preset 'no-such-model'" in err and "Traceback" not in err
 
 
-def test_demo_runs_as_a_console_script():
+@pytest.mark.skipif(embedded_model_path() is None, reason="the embedded mmx-tiny model is not installed")
+def test_demo_solves_problems_through_the_whole_stack():
     out = subprocess.run(
-        [sys.executable, "-m", "mmx.cli.main", "demo", "--tokens", "4"], capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "mmx.cli.main", "demo", "--problems", "2"], capture_output=True, text=True, timeout=300
     )
     assert out.returncode == 0, out.stderr
-    assert out.stdout.count("saved and reloaded: logits identical") == 2
-    assert "456.09B total, 45.94B active" in out.stdout
+    text = out.stdout
+    assert "layers LLLS (L lightning, S softmax), MoE 4 experts top-2" in text
+    assert text.count("with the calculator tool:") == 2 and text.count("without tools:") == 2
+    assert 'tool call  calculator({"expression": ' in text and "thinking" in text and "answer" in text
+    assert "tokens generated in" in text and "tokens/s" in text
 
 
 def _checkpoint_with_tokenizer(tmp_path, tokenizer):

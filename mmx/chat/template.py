@@ -25,6 +25,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 TEMPLATE_DIR = os.path.join(os.path.dirname(__file__), "templates")
 REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+_SPAN_START, _SPAN_END = "\x00mmx-gen-start\x00", "\x00mmx-gen-end\x00"
 
 
 def builtin_template(name: str) -> str:
@@ -55,9 +56,8 @@ class _GenerationTracker(jinja2.ext.Extension):
 
     def _mark(self, context, caller):
         text = caller()
-        spans = context.get("__generation_spans__")
-        if spans is not None:
-            spans.append(text)
+        if context.get("__generation_spans__") is not None:  # delimit the span; render_chat turns marks into offsets
+            return _SPAN_START + text + _SPAN_END
         return text
 
 
@@ -110,10 +110,10 @@ def render_chat(
     add_generation_prompt: bool = False,
     return_generation_spans: bool = False,
     **kwargs: Any,
-) -> str | tuple[str, list[str]]:
+) -> str | tuple[str, list[tuple[int, int]]]:
     """Render ``messages`` (OpenAI-style dicts) with a chat template string, as transformers'
-    ``apply_chat_template(tokenize=False)`` does. With ``return_generation_spans`` the texts of the template's
-    ``{% generation %}`` blocks come back too, in order."""
+    ``apply_chat_template(tokenize=False)`` does. With ``return_generation_spans`` the (start, end) character
+    offsets of the template's ``{% generation %}`` blocks (the assistant's own text) come back too."""
     if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
         raise TypeError("messages must be a list of dicts")
     compiled = compile_template(template)
@@ -128,4 +128,16 @@ def render_chat(
     if return_generation_spans:
         context["__generation_spans__"] = spans
     text = compiled.render(**context)
-    return (text, spans) if return_generation_spans else text
+    if not return_generation_spans:
+        return text
+    offsets, clean, pos = [], [], 0
+    for piece in text.split(_SPAN_START):
+        if not clean:  # text before the first span
+            clean.append(piece)
+            pos = len(piece)
+            continue
+        inside, _, after = piece.partition(_SPAN_END)
+        offsets.append((pos, pos + len(inside)))
+        clean += [inside, after]
+        pos += len(inside) + len(after)
+    return "".join(clean), offsets

@@ -37,6 +37,22 @@ M2_SPECIAL_TOKENS = [
 ]
 
 
+# Added tokens that are text, not control: decoding with skip_special_tokens keeps them, so reasoning and tool-call
+# parsers see them (as in the released checkpoints, where only role markers, BOS / EOS and padding are special).
+TEXT_TAGS = frozenset(
+    {"<think>", "</think>", "<minimax:tool_call>", "</minimax:tool_call>", "<tool_calls>", "</tool_calls>"}
+)
+
+
+def _keep_tags_in_text(backend: HFTokenizer) -> HFTokenizer:
+    """Mark the TEXT_TAGS among the added tokens as not special, keeping every id."""
+    data = json.loads(backend.to_str())
+    for token in data.get("added_tokens", []):
+        if token["content"] in TEXT_TAGS:
+            token["special"] = False
+    return HFTokenizer.from_str(json.dumps(data))
+
+
 class Tokenizer:
     """A byte-level BPE tokenizer with a checkpoint's special tokens and chat template."""
 
@@ -85,6 +101,11 @@ class Tokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Token ids and each token's (start, end) character span in ``text``."""
+        encoding = self.backend.encode(text, add_special_tokens=False)
+        return encoding.ids, encoding.offsets
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -193,10 +214,16 @@ def train_bpe_tokenizer(
     eos_token: str | None = None,
     chat_template: str | None = None,
     min_frequency: int = 2,
+    split_digits: bool = False,
 ) -> Tokenizer:
-    """Train a byte-level BPE (GPT-2 style, as MiniMax uses) with ``special_tokens`` as added special tokens."""
+    """Train a byte-level BPE (GPT-2 style, as MiniMax uses) with ``special_tokens`` as added special tokens.
+    ``split_digits`` keeps every digit its own token (small models learn arithmetic far better that way)."""
     backend = HFTokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if split_digits:
+        backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    else:
+        backend.pre_tokenizer = byte_level
     backend.decoder = decoders.ByteLevel()
     backend.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(
@@ -207,5 +234,6 @@ def train_bpe_tokenizer(
         show_progress=False,
     )
     backend.train_from_iterator(texts, trainer=trainer)
+    backend = _keep_tags_in_text(backend)
     config = {"bos_token": bos_token, "eos_token": eos_token, "model_max_length": 1 << 30}
     return Tokenizer(backend, {k: v for k, v in config.items() if v is not None}, chat_template)

@@ -1,50 +1,81 @@
-"""``mmx demo``: the main job of what mmx can do so far, end to end on a CPU in seconds.
+"""``mmx demo``: mmx-tiny solves arithmetic word problems through the whole stack.
 
-It builds tiny random M1 (hybrid lightning + softmax) and M2 models, saves them as Hugging Face checkpoints,
-loads them back, checks the reload is exact, generates greedy tokens, and prints the full-size architectures.
+The embedded model (or MODEL) is loaded into the engine; each problem is rendered with the M2 chat template,
+generated, split into reasoning and content, its ``<minimax:tool_call>`` parsed, the calculator run, the result fed
+back, and the final answer generated. Then the same problems are solved without the tool, the model doing the
+arithmetic in its reasoning. Every answer comes from the model; the demo only checks it against the ground truth.
 """
 
 from __future__ import annotations
 
 import argparse
-import tempfile
+import textwrap
 import time
 
-import torch
-
-from mmx.cli.info import describe
-from mmx.config import MiniMaxConfig
-from mmx.model.generate import greedy_generate
-from mmx.model.modeling import MiniMaxForCausalLM
-from mmx.model.weights import load_model
+from mmx.cli.common import resolve_model
+from mmx.tasks.arithmetic import make_problems
+from mmx.tasks.episodes import Episode, describe_call
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="build, save, reload and run tiny M1 and M2 models")
-    p.add_argument("--tokens", type=int, default=16, help="greedy tokens to generate per model")
-    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("demo", help="mmx-tiny solves arithmetic word problems, with and without a calculator tool")
+    p.add_argument("model", nargs="?", default=None, help="checkpoint directory (default: the embedded mmx-tiny)")
+    p.add_argument("--problems", type=int, default=3, help="how many problems to solve")
+    p.add_argument("--seed", type=int, default=2026, help="which problems (generated from this seed)")
+    p.add_argument("--max-tokens", type=int, default=192, help="tokens per model turn")
+
+
+def _indent(label: str, text: str) -> str:
+    body = textwrap.indent(text.strip(), " " * 14).lstrip()
+    return f"    {label:<10}{body}"
+
+
+def show(episode: Episode) -> None:
+    for turn in episode.turns:
+        if turn.reasoning:
+            print(_indent("thinking", turn.reasoning))
+        for call, result in zip(turn.calls, turn.results):
+            print(_indent("tool call", f"{describe_call(call)} -> {result}"))
+        if not turn.calls:
+            print(_indent("answer", turn.content or "(none)"))
+    expected = episode.metadata["problem"].answer
+    verdict = "correct" if episode.metadata["correct"] else f"wrong, expected {expected}"
+    print(f"    {'':<10}[{verdict}]")
 
 
 def run(args: argparse.Namespace) -> int:
-    torch.manual_seed(args.seed)
-    for preset in ("minimax-m1-80k", "minimax-m2"):
-        print(f"== {preset}\n{describe(MiniMaxConfig.from_preset(preset))}\n")
-    prompt = torch.randint(0, 512, (1, 12))
-    for preset in ("tiny-m1", "tiny-m2"):
-        config = MiniMaxConfig.from_preset(preset)
-        model = MiniMaxForCausalLM(config).init_weights(seed=args.seed, std=0.1).eval()
-        with tempfile.TemporaryDirectory() as tmp:
-            model.save_pretrained(tmp)
-            loaded = load_model(tmp)
-        with torch.no_grad():
-            same = torch.equal(loaded(prompt), model(prompt))
-        start = time.perf_counter()
-        tokens = greedy_generate(loaded, prompt, args.tokens)
-        elapsed = time.perf_counter() - start
-        print(f"== {preset} (random weights)\n{describe(config)}")
-        print(f"saved and reloaded: logits {'identical' if same else 'DIFFER'}")
-        print(f"prompt ids     {prompt[0].tolist()}")
-        print(f"greedy ids     {tokens[0].tolist()}  ({args.tokens / elapsed:.0f} tokens/s)\n")
-        if not same:
-            return 1
+    from mmx.engine import LLM, SamplingParams
+    from mmx.tasks.solve import solve_problems
+
+    path = resolve_model(args.model)
+    started = time.perf_counter()
+    llm = LLM(path, max_model_len=2048, max_num_seqs=max(8, args.problems))
+    config = llm.engine.model.config
+    counts = llm.engine.model.parameter_counts()
+    pattern = "".join("S" if not config.is_lightning(i) else "L" for i in range(config.num_hidden_layers))
+    print(
+        f"model: {path}\n  {counts['total'] / 1e6:.1f}M parameters ({counts['active'] / 1e6:.1f}M active), layers "
+        f"{pattern} (L lightning, S softmax), MoE {config.num_local_experts} experts top-"
+        f"{config.num_experts_per_tok}; loaded in {time.perf_counter() - started:.1f} s\n"
+    )
+    problems = make_problems(args.seed, args.problems)
+    sampling = SamplingParams(temperature=0.0, max_tokens=args.max_tokens)
+    results = {}
+    for use_tool in (True, False):
+        episodes, stats = solve_problems(llm, problems, use_tool, sampling)
+        results[use_tool] = (episodes, stats)
+    for i, problem in enumerate(problems):
+        print(f"problem {i + 1}: {problem.question}")
+        for use_tool, heading in ((True, "with the calculator tool"), (False, "without tools")):
+            print(f"  {heading}:")
+            show(results[use_tool][0][i])
+        print()
+    tokens = sum(stats["generated_tokens"] for _, stats in results.values())
+    seconds = sum(stats["seconds"] for _, stats in results.values())
+    solved = {k: sum(e.metadata["correct"] for e in eps) for k, (eps, _) in results.items()}
+    print(
+        f"solved {solved[True]}/{len(problems)} with the tool and {solved[False]}/{len(problems)} without; "
+        f"{tokens} tokens generated in {seconds:.2f} s ({tokens / max(seconds, 1e-9):.0f} tokens/s, "
+        f"{len(problems)} problems batched)"
+    )
     return 0

@@ -6,6 +6,7 @@ tokenised on the way in, and each sample is detokenised incrementally on the way
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, fields
 from typing import Any
@@ -231,6 +232,9 @@ class LLMEngine:
         seq.output_token_ids.append(token)
         if logprob is not None:
             seq.logprobs.append(logprob)
+            if p.stop_after_confident_tokens is not None:
+                confident = logprob.logprob > math.log(p.confident_probability)
+                seq.confident_run = seq.confident_run + 1 if confident else 0
         reason, stop_reason = None, None
         if token in p.stop_token_ids:
             reason, stop_reason = "stop", token
@@ -240,6 +244,8 @@ class LLMEngine:
             p.max_tokens is not None and len(seq.output_token_ids) >= p.max_tokens
         ) or seq.num_tokens >= self.max_model_len:
             reason = "length"
+        elif p.stop_after_confident_tokens is not None and seq.confident_run >= p.stop_after_confident_tokens:
+            reason = "repetition"
         if request.detokenizers is not None:
             detok = request.detokenizers[seq.index]
             delta = detok.add([token])

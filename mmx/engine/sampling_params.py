@@ -34,6 +34,10 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    # MiniMax-M1's early truncation for RL: stop once this many consecutive tokens were each sampled with probability
+    # above confident_probability (a repetition loop); the output ends with finish_reason "repetition".
+    stop_after_confident_tokens: int | None = None
+    confident_probability: float = 0.99
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -54,6 +58,14 @@ class SamplingParams:
             "min_tokens", self.max_tokens is None or self.min_tokens <= self.max_tokens, "must not exceed max_tokens"
         )
         self._check("logprobs", self.logprobs is None or 0 <= self.logprobs <= 20, "must be in [0, 20]")
+        self._check(
+            "stop_after_confident_tokens",
+            self.stop_after_confident_tokens is None or self.stop_after_confident_tokens >= 1,
+            "must be at least 1",
+        )
+        self._check("confident_probability", 0 < self.confident_probability < 1, "must be in (0, 1)")
+        if self.stop_after_confident_tokens is not None and self.logprobs is None:
+            self.logprobs = 0  # the rule reads each sampled token's probability
         self._check("stop", all(isinstance(s, str) and s for s in self.stop), "must be non-empty strings")
         self._check("stop_token_ids", all(isinstance(t, int) and t >= 0 for t in self.stop_token_ids), "bad id")
 

@@ -48,6 +48,7 @@ class Sequence:
         if params.seed is not None:
             self.generator = torch.Generator().manual_seed(params.seed + index)
         self.num_preemptions = 0
+        self.confident_run = 0  # consecutive sampled tokens above params.confident_probability
 
     @property
     def token_ids(self) -> list[int]:

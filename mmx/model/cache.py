@@ -130,3 +130,44 @@ class DenseCache:
 
     def advance(self, num_tokens: int) -> None:
         self.length += num_tokens
+
+
+class PackedDocuments:
+    """Training on packed rows: each row holds several documents that must not see each other. Softmax layers use a
+    block-diagonal causal mask; lightning layers restart their state at every document start; positions restart at
+    0 in each document. ``doc_ids`` [B, T] numbers the documents of each row (padding gets -1)."""
+
+    def __init__(self, doc_ids: torch.Tensor):
+        self.doc_ids = doc_ids
+        b, t = doc_ids.shape
+        starts = torch.ones_like(doc_ids, dtype=torch.bool)
+        starts[:, 1:] = doc_ids[:, 1:] != doc_ids[:, :-1]
+        flat_starts = torch.nonzero(starts.reshape(-1)).flatten()
+        self.cu_seqlens = torch.cat((flat_starts, torch.tensor([b * t], device=doc_ids.device)))
+        index = torch.arange(t, device=doc_ids.device).expand(b, t)
+        last_start = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values
+        self._positions = index - last_start
+        same = doc_ids[:, :, None] == doc_ids[:, None, :]
+        causal = torch.ones(t, t, dtype=torch.bool, device=doc_ids.device).tril()
+        self.mask = (same & causal)[:, None]  # [B, 1, T, T]
+
+    def positions(self, batch: int, seq_len: int, device: torch.device) -> torch.Tensor:
+        return self._positions
+
+    def softmax_attention(
+        self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+    ) -> torch.Tensor:
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=self.mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+        )
+
+    def lightning_attention(
+        self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rates: torch.Tensor
+    ) -> torch.Tensor:
+        b, t = q.shape[:2]
+        flat = [x.reshape(1, b * t, *x.shape[2:]) for x in (q, k, v)]
+        out, _ = lightning_attention(*flat, rates, cu_seqlens=self.cu_seqlens)
+        return out.reshape(b, t, *out.shape[2:])
+
+    def advance(self, num_tokens: int) -> None:
+        """Nothing is cached."""

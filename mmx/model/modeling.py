@@ -68,6 +68,7 @@ class MiniMaxModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = RotaryEmbedding(config.rotary_dim, config.rope_theta)
+        self.gradient_checkpointing = False  # recompute each layer's activations in backward (training only)
 
     def forward(
         self,
@@ -87,7 +88,10 @@ class MiniMaxModel(nn.Module):
         rope = self.rotary(positions)
         x = self.embed_tokens(input_ids)
         for layer in self.layers:
-            x = layer(x, rope, cache)
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(layer, x, rope, cache, use_reentrant=False)
+            else:
+                x = layer(x, rope, cache)
         if cache is not None:
             cache.advance(t)
         return self.norm(x)

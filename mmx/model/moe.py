@@ -29,7 +29,8 @@ class TopKRouter(nn.Module):
         self, x: torch.Tensor, correction_bias: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [N, D] -> (router logits [N, E], weights [N, k], expert ids [N, k]); all float32 but the ids."""
-        logits = F.linear(x.float(), self.weight.float())
+        with torch.autocast(x.device.type, enabled=False):  # bf16 autocast in training must not reach the router
+            logits = F.linear(x.float(), self.weight.float())
         if self.scoring_func == "softmax":
             scores = logits.softmax(dim=-1)
             weights, ids = scores.topk(self.top_k, dim=-1)
@@ -69,7 +70,9 @@ class Experts(nn.Module):
             rows = slice(start, start + count)
             gate, up = F.linear(routed[rows], self.gate_up_proj[expert]).chunk(2, dim=-1)
             y = F.linear(self.act(gate) * up, self.down_proj[expert]).mul_(mix[rows])
-            out.index_add_(0, token_of[rows], y)  # accumulates in the activation dtype, as transformers does
+            out.index_add_(
+                0, token_of[rows], y.to(out.dtype)
+            )  # accumulates in the activation dtype, as transformers does
             start += count
         return out
 
@@ -84,11 +87,17 @@ class SparseMoeBlock(nn.Module):
             self.register_buffer("e_score_correction_bias", torch.zeros(config.num_local_experts))
         else:
             self.e_score_correction_bias = None
+        # Training sets this; each forward then leaves (router logits, chosen experts) here for the load-balancing
+        # loss and the routing-bias update. Overwritten, not appended: activation checkpointing re-runs forwards.
+        self.record_routing = False
+        self.routing: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         if self.training and self.jitter > 0:
             flat = flat * torch.empty_like(flat).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
-        _, weights, ids = self.gate(flat, self.e_score_correction_bias)
+        logits, weights, ids = self.gate(flat, self.e_score_correction_bias)
+        if self.record_routing:
+            self.routing = (logits, ids)
         return self.experts(flat, ids, weights).reshape(shape)

@@ -1,0 +1,141 @@
+"""CISPO vs DAPO vs GRPO from mmx-tiny, several seeds each, the same budget; writes the plot and a summary.
+
+    python scripts/rl_experiment.py --out runs/rl-experiment               # 3 losses x 3 seeds
+    python scripts/rl_experiment.py --out runs/rl-experiment --report-only  # redraw from finished runs
+
+Every run starts from the same checkpoint and sees the same number of rollouts (prompts x G responses per step) and
+optimizer steps; only the objective differs (and DAPO's / CISPO's dynamic sampling and overlong penalty, which M1
+says CISPO also used). Several minibatch updates per rollout batch make the updates off-policy, without which the
+three objectives give the same gradient. Accuracy is greedy, on held-out problems, every ``--eval-every`` steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from mmx.rl.config import RLConfig
+from mmx.rl.trainer import RLTrainer
+from mmx.train.metrics import MetricsLog, plot_panels
+
+LOSSES = ("cispo", "dapo", "grpo")
+SETTINGS = {
+    "cispo": {"loss_settings": {}, "dynamic_sampling": True},
+    "dapo": {"loss_settings": {}, "dynamic_sampling": True},
+    "grpo": {"loss_settings": {}, "dynamic_sampling": False},
+}
+
+
+def run_one(loss: str, seed: int, args: argparse.Namespace) -> str:
+    out = os.path.join(args.out, f"{loss}-seed{seed}")
+    if os.path.exists(os.path.join(out, f"checkpoint-{args.steps}")):
+        return out
+    cfg = RLConfig(
+        model=args.model,
+        task="arithmetic",
+        task_options={"use_tools": args.tools, "min_steps": args.min_steps, "max_steps": args.max_steps},
+        loss=loss,
+        group_size=args.group_size,
+        prompts_per_step=args.prompts,
+        minibatches=args.minibatches,
+        epochs=1,
+        lr=args.lr,
+        max_tokens=args.max_tokens,
+        overlong_buffer=args.overlong_buffer if loss != "grpo" else 0,
+        steps=args.steps,
+        eval_every=args.eval_every,
+        eval_problems=args.eval_problems,
+        save_every=args.steps,
+        out_dir=out,
+        seed=seed,
+        progress=False,
+        **SETTINGS[loss],
+    )
+    started = time.time()
+    RLTrainer(cfg, resume="latest").train()
+    print(f"{loss} seed {seed}: {(time.time() - started) / 60:.1f} min", flush=True)
+    return out
+
+
+def curves(out: str) -> tuple[list[int], list[float]]:
+    records = MetricsLog(os.path.join(out, "metrics.jsonl")).read()
+    rows = [(r["step"], r["eval_accuracy"]) for r in records if "eval_accuracy" in r]
+    return [s for s, _ in rows], [a for _, a in rows]
+
+
+def first_step_reaching(steps: list[int], values: list[float], target: float) -> int | None:
+    return next((s for s, v in zip(steps, values) if v >= target), None)
+
+
+def report(args: argparse.Namespace) -> None:
+    runs = {loss: [os.path.join(args.out, f"{loss}-seed{s}") for s in args.seeds] for loss in LOSSES}
+    mean_curves, summary = {}, {}
+    for loss, dirs in runs.items():
+        per_seed = [curves(d) for d in dirs if os.path.exists(os.path.join(d, "metrics.jsonl"))]
+        if not per_seed:
+            continue
+        steps = per_seed[0][0]
+        means = [statistics.mean(c[1][i] for c in per_seed if len(c[1]) > i) for i in range(len(steps))]
+        mean_curves[loss] = (steps, means)
+        summary[loss] = {"steps": steps, "per_seed": [c[1] for c in per_seed], "mean": means}
+    if not summary:
+        print("no finished runs")
+        return
+    start = statistics.mean(v["mean"][0] for v in summary.values())
+    target = start + args.target_gain
+    for v in summary.values():
+        v["steps_to_target"] = [first_step_reaching(v["steps"], c, target) for c in v["per_seed"]]
+        v["final"] = [c[-1] for c in v["per_seed"]]
+    panels = {"held-out accuracy (mean of seeds)": mean_curves}
+    for loss, v in summary.items():
+        panels[f"{loss}: each seed"] = {f"seed {s}": (v["steps"], c) for s, c in zip(args.seeds, v["per_seed"])}
+    plot_panels(os.path.join(args.out, "rl_experiment.png"), panels, {k: "greedy accuracy" for k in panels})
+    with open(os.path.join(args.out, "summary.json"), "w") as f:
+        json.dump({"target": target, "start": start, "runs": summary}, f, indent=2)
+    print(f"start accuracy {start:.3f}; target {target:.3f} (start + {args.target_gain})")
+    print("| objective | final accuracy per seed | mean final | steps to target per seed |")
+    print("|---|---|---|---|")
+    for loss, v in summary.items():
+        finals = ", ".join(f"{x:.3f}" for x in v["final"])
+        reached = ", ".join("-" if s is None else str(s) for s in v["steps_to_target"])
+        print(f"| {loss} | {finals} | {statistics.mean(v['final']):.3f} | {reached} |")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/rl-experiment")
+    p.add_argument("--model", default=None, help="starting checkpoint (default: the embedded mmx-tiny)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--losses", nargs="+", default=list(LOSSES))
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--group-size", type=int, default=8)
+    p.add_argument("--prompts", type=int, default=8)
+    p.add_argument("--minibatches", type=int, default=8, help="optimizer steps per rollout batch (off-policy reuse)")
+    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--max-tokens", type=int, default=160)
+    p.add_argument("--overlong-buffer", type=int, default=32)
+    p.add_argument("--tools", action="store_true", help="with the calculator tool (default: without)")
+    p.add_argument("--min-steps", type=int, default=2)
+    p.add_argument("--max-steps", type=int, default=4)
+    p.add_argument("--eval-every", type=int, default=5)
+    p.add_argument("--eval-problems", type=int, default=200)
+    p.add_argument("--target-gain", type=float, default=0.05, help="target = start accuracy + this")
+    p.add_argument("--report-only", action="store_true")
+    args = p.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    if not args.report_only:
+        for seed in args.seeds:
+            for loss in args.losses:
+                run_one(loss, seed, args)
+    report(args)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

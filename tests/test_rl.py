@@ -1,0 +1,158 @@
+"""mmx rl end to end (two steps on the embedded mmx-tiny), rewards, tasks and plug-in reward functions."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from mmx.embedded import embedded_model_path
+from mmx.rl.config import RLConfig
+from mmx.rl.rewards import code_reward, extract_math_answer, load_reward_function, math_equal, normalize_answer
+from mmx.rl.tasks import ArithmeticTask, JsonlTask
+from mmx.tasks.episodes import Episode, Turn
+
+
+def finished(content: str, reasoning: str = "thinking", calls=None, results=None) -> Episode:
+    episode = Episode([{"role": "user", "content": "q"}], None)
+    text = f"{reasoning}\n</think>\n\n{content}"
+    episode.turns.append(Turn([1], [2, 3], text, reasoning, content, calls or [], results or [], [-0.1, -0.2], "stop"))
+    return episode
+
+
+@pytest.mark.parametrize(
+    ("predicted", "reference", "equal"),
+    [
+        ("42", 42, True),
+        ("1,000", "1000", True),
+        ("\\frac{1}{2}", "0.5", True),
+        ("\\dfrac{3}{4}", "3/4", True),
+        ("2\\sqrt{2}", "sqrt(8)", True),
+        ("x+1", "1+x", True),
+        ("$90^\\circ$", "90", True),
+        ("41", 42, False),
+        ("x+2", "x+1", False),
+        ("__import__('os').system('true')", "0", False),  # never handed to sympy
+        (None, "1", False),
+    ],
+)
+def test_math_equivalence(predicted, reference, equal):
+    assert math_equal(predicted, reference) is equal
+
+
+def test_answer_extraction():
+    assert extract_math_answer("so \\boxed{\\frac{1}{2}} is it") == "\\frac{1}{2}"
+    assert extract_math_answer("The answer is 17.") == "17"
+    assert extract_math_answer("we get 3 then 12") == "12"
+    assert normalize_answer("\\left( 1,234 \\right).") == "(1234)"
+
+
+def test_code_reward_runs_tests_in_the_sandbox():
+    good = finished("```python\ndef add(a, b):\n    return a + b\n```")
+    bad = finished("```python\ndef add(a, b):\n    while True: pass\n```")
+    tests = "assert add(2, 3) == 5"
+    assert code_reward(good, {"tests": tests}) == (1.0, True)
+    from mmx.sandbox import Limits
+
+    assert code_reward(bad, {"tests": tests}, Limits(timeout=1)) == (0.0, False)
+    assert bad.metadata["sandbox"] == "timed out"
+
+
+def test_jsonl_task_with_builtin_and_custom_rewards(tmp_path):
+    data = tmp_path / "tasks.jsonl"
+    data.write_text(
+        json.dumps({"prompt": "2+2?", "answer": "4"})
+        + "\n"
+        + json.dumps({"messages": [{"role": "user", "content": "x"}], "answer": "5"})
+        + "\n"
+    )
+    task = JsonlTask(str(data))
+    import random
+
+    episodes = task.sample(random.Random(0), 4)
+    assert all(e.messages[-1]["role"] == "user" for e in episodes)
+    right = finished("It is \\boxed{4}.")
+    right.metadata["record"] = {"answer": "4"}
+    assert task.score(right).correct
+    plugin = tmp_path / "my_reward.py"
+    plugin.write_text("def score(episode, record):\n    return (0.5, 'please' in episode.final_content)\n")
+    custom = JsonlTask(str(data), reward=f"{plugin}:score")
+    polite = finished("please")
+    polite.metadata["record"] = {"answer": "4"}
+    score = custom.score(polite)
+    assert score.reward == 0.5 and score.correct
+    with pytest.raises(ValueError, match="has no function 'nope'"):
+        load_reward_function(f"{plugin}:nope")
+
+
+def test_arithmetic_task_never_trains_on_its_held_out_problems():
+    import random
+
+    task = ArithmeticTask(use_tools=True)
+    held_out = {e.messages[-1]["content"] for e in task.eval_episodes(500)}
+    sampled = task.sample(random.Random(0), 300)
+    assert not held_out & {e.messages[-1]["content"] for e in sampled}
+    assert all(e.tools and e.tools[0]["function"]["name"] == "calculator" for e in sampled)
+
+
+def test_config_errors_name_the_key():
+    with pytest.raises(ValueError, match="'loss'"):
+        RLConfig(loss="ppo")
+    with pytest.raises(ValueError, match="unknown rl config key 'group'"):
+        RLConfig.from_dict({"group": 4})
+
+
+@pytest.mark.skipif(embedded_model_path() is None, reason="the embedded mmx-tiny model is not installed")
+def test_two_step_rl_run(tmp_path):
+    out = tmp_path / "rl"
+    cmd = [
+        sys.executable,
+        "-m",
+        "mmx.cli.main",
+        "rl",
+        "--steps",
+        "2",
+        "--group-size",
+        "2",
+        "--prompts-per-step",
+        "2",
+        "--minibatches",
+        "2",
+        "--max-tokens",
+        "64",
+        "--eval-problems",
+        "2",
+        "--eval-every",
+        "2",
+        "--out-dir",
+        str(out),
+        "--loss",
+        "cispo",
+        "--progress",
+        "false",
+        "--lr",
+        "1e-4",
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 1, 2]
+    first = records[1]
+    for key in (
+        "reward",
+        "accuracy",
+        "entropy",
+        "response_length",
+        "clipped_fraction",
+        "prob_correlation",
+        "groups_kept",
+    ):
+        assert key in first, key
+    assert first["prob_correlation"] > 0.999  # the sampler's log-probs are the trainer's, token for token
+    assert "eval_accuracy" in records[2]
+    assert (out / "checkpoint-2" / "model.safetensors").exists() and (out / "rl.png").exists()
+    import mmx
+
+    mmx.load_model(out / "checkpoint-2")
