@@ -364,27 +364,12 @@ def test_schema_validation():
 # ---------------------------------------------------------------------------------------------------- a real server
 @pytest.fixture(scope="module")
 def mmx_server():
-    import sys
-
-    from tests.test_server import _free_port, running
+    from tests.test_server import _serve
 
     path = embedded_model_path()
     if path is None:
         pytest.skip("the embedded mmx-tiny model is not installed")
-    port = _free_port()
-    command = [
-        sys.executable,
-        "-m",
-        "mmx.cli.main",
-        "serve",
-        "--port",
-        str(port),
-        "--max-model-len",
-        "2048",
-        "--cache-memory-gb",
-        "0.1",
-    ]
-    with running(command, port) as url:
+    with _serve(path, max_model_len=2048, cache_gb=0.1) as url:
         yield url
 
 

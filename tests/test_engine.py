@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 
 import pytest
@@ -122,6 +123,37 @@ def test_stops_lengths_and_n():
         [[7, 8]], SamplingParams(n=3, temperature=1.0, max_tokens=6, seed=3, ignore_eos=True), use_tqdm=False
     )[0]
     assert [o.index for o in many.outputs] == [0, 1, 2] and all(len(o.token_ids) == 6 for o in many.outputs)
+
+
+def test_early_truncation_of_confident_runs():
+    """M1's RL rule: stop after N consecutive tokens each sampled with probability above a threshold."""
+    import math
+
+    llm = LLM(tiny_model("tiny-m1"), max_model_len=64)
+    base = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    free = llm.generate([[1, 2, 3]], base, use_tqdm=False)[0]
+    probs = [
+        math.exp(x.logprob)
+        for x in llm.generate([[1, 2, 3]], dataclasses.replace(base, logprobs=0), use_tqdm=False)[0].outputs[0].logprobs
+    ]
+    threshold = sorted(probs)[len(probs) // 2]  # about half the tokens are "confident" at this threshold
+    params = dataclasses.replace(base, stop_after_confident_tokens=2, confident_probability=threshold)
+    out = llm.generate([[1, 2, 3]], params, use_tqdm=False)[0]
+    run, expected = 0, None
+    for i, p in enumerate(probs):
+        run = run + 1 if p > threshold else 0
+        if run == 2:
+            expected = i + 1
+            break
+    if expected is None:
+        assert out.finish_reason == "length" and out.token_ids == free.token_ids
+    else:
+        assert out.finish_reason == "repetition" and out.token_ids == free.token_ids[:expected]
+    never = dataclasses.replace(base, stop_after_confident_tokens=1, confident_probability=0.999999)
+    assert llm.generate([[1, 2, 3]], never, use_tqdm=False)[0].finish_reason == "length"
+    always = dataclasses.replace(base, stop_after_confident_tokens=3, confident_probability=1e-9)
+    stopped = llm.generate([[1, 2, 3]], always, use_tqdm=False)[0]
+    assert stopped.finish_reason == "repetition" and len(stopped.token_ids) == 3
 
 
 def test_eos_min_tokens_and_bad_requests():

@@ -60,7 +60,7 @@ def checkpoint(tmp_path_factory, tiny_tokenizer):
     return str(path)
 
 
-def _serve(checkpoint: str, *extra: str):
+def _serve(checkpoint: str, *extra: str, max_model_len: int = 512, cache_gb: float = 0.05):
     port = _free_port()
     command = [
         sys.executable,
@@ -71,9 +71,9 @@ def _serve(checkpoint: str, *extra: str):
         "--port",
         str(port),
         "--max-model-len",
-        "512",
+        str(max_model_len),
         "--cache-memory-gb",
-        "0.05",
+        str(cache_gb),
         "--max-body-mb",
         "0.25",
         *extra,

@@ -96,8 +96,8 @@ def split_inline_think(content: str) -> tuple[str | None, str]:
 
 
 @dataclass
-class OpenAIClient:
-    base_url: str = "http://127.0.0.1:8000/v1"
+class _HTTPClient:
+    base_url: str
     model: str | None = None  # None: the first model the server lists
     api_key: str | None = None
     max_tokens: int = 4096
@@ -105,12 +105,17 @@ class OpenAIClient:
     timeout: float = 600.0
     extra_body: dict[str, Any] = field(default_factory=dict)
 
-    def start(self, system: str, task: str) -> list[dict[str, Any]]:
-        return [{"role": "system", "content": system}, {"role": "user", "content": task}]
-
-    def fork(self) -> OpenAIClient:
+    def fork(self):
         """A client for a sub-agent's separate conversation."""
         return dataclasses.replace(self)
+
+
+@dataclass
+class OpenAIClient(_HTTPClient):
+    base_url: str = "http://127.0.0.1:8000/v1"
+
+    def start(self, system: str, task: str) -> list[dict[str, Any]]:
+        return [{"role": "system", "content": system}, {"role": "user", "content": task}]
 
     def complete(self, messages: list[dict[str, Any]], tools: list[Tool]) -> ModelTurn:
         headers = {"authorization": f"Bearer {self.api_key}"} if self.api_key else {}
@@ -159,23 +164,13 @@ class OpenAIClient:
 
 
 @dataclass
-class AnthropicClient:
+class AnthropicClient(_HTTPClient):
     base_url: str = "http://127.0.0.1:8000"
-    model: str | None = None  # None: the first model the server lists
-    api_key: str | None = None
-    max_tokens: int = 4096
-    temperature: float | None = None
-    timeout: float = 600.0
-    extra_body: dict[str, Any] = field(default_factory=dict)
-    _system: str = ""
+    _system: str = ""  # Anthropic takes the system prompt beside the messages
 
     def start(self, system: str, task: str) -> list[dict[str, Any]]:
         self._system = system
         return [{"role": "user", "content": task}]
-
-    def fork(self) -> AnthropicClient:
-        """A client for a sub-agent's separate conversation (its own system prompt)."""
-        return dataclasses.replace(self)
 
     def complete(self, messages: list[dict[str, Any]], tools: list[Tool]) -> ModelTurn:
         headers = {"anthropic-version": "2023-06-01"}
