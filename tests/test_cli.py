@@ -43,7 +43,7 @@ def test_demo_solves_problems_through_the_whole_stack():
     text = out.stdout
     assert "layers LLLS (L lightning, S softmax), MoE 4 experts top-2" in text
     assert text.count("with the calculator tool:") == 2 and text.count("without tools:") == 2
-    assert 'tool call  calculator({"expression": ' in text and "thinking" in text and "answer" in text
+    assert 'tool call calculator({"expression": ' in text and "thinking" in text and "answer" in text
     assert "tokens generated in" in text and "tokens/s" in text
 
 
