@@ -61,23 +61,27 @@ def main(argv: list[str] | None = None) -> int:
             n = len(e.metadata["problem"].steps)
             by_steps[n] += 1
             right[n] += e.metadata["correct"]
+        # the grader reads only the number; this tells how often the answer also names the right things
+        named = sum(e.metadata["problem"].item in e.final_content for e in episodes) / len(episodes)
         label = "with tool" if use_tool else "without tool"
         results[label] = {
             "accuracy": stats["accuracy"],
             "problems": len(problems),
             "outcomes": dict(kinds),
             "accuracy_by_steps": {n: right[n] / by_steps[n] for n in sorted(by_steps)},
+            "answer_names_the_item": named,
             "generated_tokens": stats["generated_tokens"],
             "tokens_per_s": stats["tokens_per_s"],
             "seconds": time.perf_counter() - started,
         }
         print(
             f"{label}: accuracy {stats['accuracy']:.1%} on {len(problems)} problems; {dict(kinds)}; "
-            f"by steps {results[label]['accuracy_by_steps']}; {stats['tokens_per_s']:.0f} tokens/s"
+            f"by steps {results[label]['accuracy_by_steps']}; answer names the item {named:.1%}; "
+            f"{stats['tokens_per_s']:.0f} tokens/s"
         )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"model": path, **results}, f, indent=2)
+            json.dump({"model": os.path.relpath(path), **results}, f, indent=2)
     return 0
 
 
