@@ -440,3 +440,79 @@ def test_forced_and_disabled_tool_choice(replay):
     prompt = json.loads(log.read_text().splitlines()[-1])
     assert "# Tools" not in prompt
     assert out.choices[0].message.tool_calls is None and "<minimax:tool_call>" in out.choices[0].message.content
+
+
+# ---------------------------------------------------------------------------------------------------- mmx-tiny
+@pytest.fixture(scope="module")
+def tiny_server():
+    from mmx.embedded import embedded_model_path
+
+    path = embedded_model_path()
+    if path is None:
+        pytest.skip("the embedded mmx-tiny model is not installed")
+    with _serve(path, max_model_len=2048, cache_gb=0.1) as url:
+        yield url
+
+
+PROBLEM = "Sara has 40 coins. Sara finds 25 more. Sara buys 3 bags with 6 coins in each. How many coins does Sara have now?"
+
+
+def test_mmx_tiny_reasons_and_calls_the_calculator_through_both_apis(tiny_server):
+    """The real model, not a replay: its reasoning, its tool call, the result sent back, its answer (40 + 25 + 18)."""
+    from mmx.tasks.arithmetic import CALCULATOR_TOOL, SYSTEM_PROMPT, calculate
+
+    client = openai.OpenAI(base_url=f"{tiny_server}/v1", api_key="x", max_retries=0)
+    messages = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": PROBLEM}]
+    first = client.chat.completions.create(
+        model="mmx-tiny", messages=messages, tools=[CALCULATOR_TOOL], temperature=0, max_tokens=192
+    )
+    msg = first.choices[0].message
+    assert first.choices[0].finish_reason == "tool_calls" and "Sara starts with 40" in msg.reasoning_content
+    expression = json.loads(msg.tool_calls[0].function.arguments)["expression"]
+    assert msg.tool_calls[0].function.name == "calculator" and calculate(expression) == "83"
+    streamed_args = ""
+    for chunk in client.chat.completions.create(
+        model="mmx-tiny", messages=messages, tools=[CALCULATOR_TOOL], temperature=0, max_tokens=192, stream=True
+    ):
+        for tc in chunk.choices[0].delta.tool_calls or []:
+            streamed_args += tc.function.arguments or ""
+    assert json.loads(streamed_args) == {"expression": expression}
+    messages += [
+        msg.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": msg.tool_calls[0].id, "content": calculate(expression)},
+    ]
+    final = client.chat.completions.create(
+        model="mmx-tiny", messages=messages, tools=[CALCULATOR_TOOL], temperature=0, max_tokens=192
+    )
+    assert final.choices[0].finish_reason == "stop" and "83" in final.choices[0].message.content
+
+    claude = anthropic.Anthropic(base_url=tiny_server, api_key="x", max_retries=0)
+    tool = {
+        "name": "calculator",
+        "description": CALCULATOR_TOOL["function"]["description"],
+        "input_schema": CALCULATOR_TOOL["function"]["parameters"],
+    }
+    reply = claude.messages.create(
+        model="mmx-tiny",
+        system=SYSTEM_PROMPT,
+        max_tokens=192,
+        extra_body={"temperature": 0},  # this SDK version no longer takes temperature as an argument
+        tools=[tool],
+        messages=[{"role": "user", "content": PROBLEM}],
+    )
+    assert reply.stop_reason == "tool_use" and reply.content[0].type == "thinking"
+    use = reply.content[-1]
+    assert use.type == "tool_use" and use.input == {"expression": expression}
+    answer = claude.messages.create(
+        model="mmx-tiny",
+        system=SYSTEM_PROMPT,
+        max_tokens=192,
+        extra_body={"temperature": 0},  # this SDK version no longer takes temperature as an argument
+        tools=[tool],
+        messages=[
+            {"role": "user", "content": PROBLEM},
+            {"role": "assistant", "content": [b.model_dump() for b in reply.content]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id, "content": "83"}]},
+        ],
+    )
+    assert answer.stop_reason == "end_turn" and "83" in answer.content[-1].text
