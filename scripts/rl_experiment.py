@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from mmx.rl.config import RLConfig
 from mmx.rl.trainer import RLTrainer
+from mmx.train.checkpoint import latest_checkpoint
 from mmx.train.metrics import MetricsLog, plot_panels
 
 LOSSES = ("cispo", "dapo", "grpo")
@@ -39,7 +40,8 @@ SETTINGS = {
 
 def run_one(loss: str, seed: int, args: argparse.Namespace) -> str:
     out = os.path.join(args.out, f"{loss}-seed{seed}")
-    if os.path.exists(os.path.join(out, f"checkpoint-{args.steps}")):
+    finished = latest_checkpoint(out)
+    if finished and int(finished.rsplit("-", 1)[1]) >= args.steps:  # a longer run's prefix is this run (constant lr)
         return out
     cfg = RLConfig(
         model=args.model,
@@ -68,10 +70,23 @@ def run_one(loss: str, seed: int, args: argparse.Namespace) -> str:
     return out
 
 
-def curves(out: str) -> tuple[list[int], list[float]]:
+def curves(out: str, steps: int) -> tuple[list[int], list[float]]:
     records = MetricsLog(os.path.join(out, "metrics.jsonl")).read()
-    rows = [(r["step"], r["eval_accuracy"]) for r in records if "eval_accuracy" in r]
+    rows = [(r["step"], r["eval_accuracy"]) for r in records if "eval_accuracy" in r and r["step"] <= steps]
     return [s for s, _ in rows], [a for _, a in rows]
+
+
+TRAINING_STATS = ("dropped_fraction", "clipped_fraction", "trust_region_masked_fraction", "entropy", "response_length")
+
+
+def training_stats(out: str, steps: int) -> dict[str, float]:
+    """Each per-step training figure averaged over the run's updates."""
+    records = [r for r in MetricsLog(os.path.join(out, "metrics.jsonl")).read() if 0 < r["step"] <= steps]
+    return {
+        key: statistics.mean(r[key] for r in records if r.get(key) is not None)
+        for key in TRAINING_STATS
+        if any(r.get(key) is not None for r in records)
+    }
 
 
 def first_step_reaching(steps: list[int], values: list[float], target: float) -> int | None:
@@ -79,37 +94,62 @@ def first_step_reaching(steps: list[int], values: list[float], target: float) ->
 
 
 def report(args: argparse.Namespace) -> None:
-    runs = {loss: [os.path.join(args.out, f"{loss}-seed{s}") for s in args.seeds] for loss in LOSSES}
     mean_curves, summary = {}, {}
-    for loss, dirs in runs.items():
-        per_seed = [curves(d) for d in dirs if os.path.exists(os.path.join(d, "metrics.jsonl"))]
+    for loss in LOSSES:
+        seeds, per_seed, stats = [], [], []
+        for seed in args.seeds:
+            out = os.path.join(args.out, f"{loss}-seed{seed}")
+            if not os.path.exists(os.path.join(out, "metrics.jsonl")):
+                continue
+            steps, accuracy = curves(out, args.steps)
+            if not steps or steps[-1] != args.steps:
+                print(f"{loss} seed {seed}: not finished, left out")
+                continue
+            seeds.append(seed)
+            eval_steps = steps
+            per_seed.append(accuracy)
+            stats.append(training_stats(out, args.steps))
         if not per_seed:
             continue
-        steps = per_seed[0][0]
-        means = [statistics.mean(c[1][i] for c in per_seed if len(c[1]) > i) for i in range(len(steps))]
-        mean_curves[loss] = (steps, means)
-        summary[loss] = {"steps": steps, "per_seed": [c[1] for c in per_seed], "mean": means}
+        means = [statistics.mean(column) for column in zip(*per_seed)]
+        mean_curves[loss] = (eval_steps, means)
+        summary[loss] = {
+            "steps": eval_steps,
+            "seeds": seeds,
+            "per_seed": per_seed,
+            "mean": means,
+            "final": [c[-1] for c in per_seed],
+            "training": {k: statistics.mean(s[k] for s in stats) for k in stats[0]},
+        }
     if not summary:
         print("no finished runs")
         return
     start = statistics.mean(v["mean"][0] for v in summary.values())
-    target = start + args.target_gain
+    targets = [start + gain for gain in args.target_gain]
     for v in summary.values():
-        v["steps_to_target"] = [first_step_reaching(v["steps"], c, target) for c in v["per_seed"]]
-        v["final"] = [c[-1] for c in v["per_seed"]]
+        v["steps_to_target"] = {
+            f"{t:.3f}": [first_step_reaching(v["steps"], c, t) for c in v["per_seed"]] for t in targets
+        }
     panels = {"held-out accuracy (mean of seeds)": mean_curves}
     for loss, v in summary.items():
-        panels[f"{loss}: each seed"] = {f"seed {s}": (v["steps"], c) for s, c in zip(args.seeds, v["per_seed"])}
+        panels[f"{loss}: each seed"] = {f"seed {s}": (v["steps"], c) for s, c in zip(v["seeds"], v["per_seed"])}
     plot_panels(os.path.join(args.out, "rl_experiment.png"), panels, {k: "greedy accuracy" for k in panels})
     with open(os.path.join(args.out, "summary.json"), "w") as f:
-        json.dump({"target": target, "start": start, "runs": summary}, f, indent=2)
-    print(f"start accuracy {start:.3f}; target {target:.3f} (start + {args.target_gain})")
-    print("| objective | final accuracy per seed | mean final | steps to target per seed |")
-    print("|---|---|---|---|")
+        json.dump({"targets": targets, "start": start, "runs": summary}, f, indent=2)
+    print(f"start accuracy {start:.3f}; targets " + ", ".join(f"{t:.3f}" for t in targets))
+    heads = [f"steps to {t:.2f} per seed" for t in targets]
+    print("| objective | seeds | final accuracy per seed | mean final | " + " | ".join(heads) + " |")
+    print("|---|---|---|---|" + "---|" * len(heads))
     for loss, v in summary.items():
         finals = ", ".join(f"{x:.3f}" for x in v["final"])
-        reached = ", ".join("-" if s is None else str(s) for s in v["steps_to_target"])
-        print(f"| {loss} | {finals} | {statistics.mean(v['final']):.3f} | {reached} |")
+        reached = [", ".join("-" if s is None else str(s) for s in r) for r in v["steps_to_target"].values()]
+        seeds = ", ".join(map(str, v["seeds"]))
+        print(f"| {loss} | {seeds} | {finals} | {statistics.mean(v['final']):.3f} | " + " | ".join(reached) + " |")
+    print()
+    print("| objective | " + " | ".join(TRAINING_STATS) + " |")
+    print("|---|" + "---|" * len(TRAINING_STATS))
+    for loss, v in summary.items():
+        print(f"| {loss} | " + " | ".join(f"{v['training'].get(k, float('nan')):.4g}" for k in TRAINING_STATS) + " |")
 
 
 def main() -> int:
@@ -118,7 +158,7 @@ def main() -> int:
     p.add_argument("--model", default=None, help="starting checkpoint (default: the embedded mmx-tiny)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--losses", nargs="+", default=list(LOSSES))
-    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--steps", type=int, default=12)
     p.add_argument("--group-size", type=int, default=8)
     p.add_argument("--prompts", type=int, default=8)
     p.add_argument("--minibatches", type=int, default=8, help="optimizer steps per pass over a rollout batch")
@@ -131,7 +171,9 @@ def main() -> int:
     p.add_argument("--max-steps", type=int, default=5)
     p.add_argument("--eval-every", type=int, default=2)
     p.add_argument("--eval-problems", type=int, default=200)
-    p.add_argument("--target-gain", type=float, default=0.2, help="target = start accuracy + this")
+    p.add_argument(
+        "--target-gain", type=float, nargs="+", default=[0.2, 0.35], help="targets = start accuracy + each of these"
+    )
     p.add_argument("--report-only", action="store_true")
     args = p.parse_args()
     os.makedirs(args.out, exist_ok=True)
