@@ -73,3 +73,16 @@ def tiny_tokenizer():
         eos_token="[e~[",
         chat_template=builtin_template("minimax_m2"),
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_server():
+    """A real `mmx serve` process of the embedded mmx-tiny model on 127.0.0.1 (skips when the model is absent)."""
+    from mmx.embedded import embedded_model_path
+    from tests.test_server import _serve
+
+    path = embedded_model_path()
+    if path is None:
+        pytest.skip("the embedded mmx-tiny model is not installed")
+    with _serve(path, max_model_len=2048, cache_gb=0.1) as url:
+        yield url

@@ -14,7 +14,6 @@ import pytest
 
 from mmx.agent import Agent, AnthropicClient, OpenAIClient, Tool, Workspace, default_tools
 from mmx.agent.tools import validate
-from mmx.embedded import embedded_model_path
 from mmx.sandbox import isolation_available
 
 
@@ -362,17 +361,6 @@ def test_schema_validation():
 
 
 # ---------------------------------------------------------------------------------------------------- a real server
-@pytest.fixture(scope="module")
-def mmx_server():
-    from tests.test_server import _serve
-
-    path = embedded_model_path()
-    if path is None:
-        pytest.skip("the embedded mmx-tiny model is not installed")
-    with _serve(path, max_model_len=2048, cache_gb=0.1) as url:
-        yield url
-
-
 class Recording(OpenAIClient):
     sent: ClassVar[list] = []
 
@@ -382,7 +370,7 @@ class Recording(OpenAIClient):
 
 
 @pytest.mark.parametrize("api", ["openai", "anthropic"])
-def test_agent_against_a_real_mmx_server(api, mmx_server, tmp_path):
+def test_agent_against_a_real_mmx_server(api, tiny_server, tmp_path):
     """mmx-tiny, served by a real `mmx serve` process, calls a custom calculator tool through the agent loop."""
     from mmx.tasks.arithmetic import calculate
 
@@ -398,7 +386,7 @@ def test_agent_against_a_real_mmx_server(api, mmx_server, tmp_path):
     )
     name = "mmx-tiny"
     client = (Recording if api == "openai" else AnthropicClient)(
-        mmx_server, model=name, max_tokens=192, temperature=0.0
+        tiny_server, model=name, max_tokens=192, temperature=0.0
     )
     if api == "openai":
         Recording.sent = []

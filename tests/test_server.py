@@ -443,18 +443,9 @@ def test_forced_and_disabled_tool_choice(replay):
 
 
 # ---------------------------------------------------------------------------------------------------- mmx-tiny
-@pytest.fixture(scope="module")
-def tiny_server():
-    from mmx.embedded import embedded_model_path
-
-    path = embedded_model_path()
-    if path is None:
-        pytest.skip("the embedded mmx-tiny model is not installed")
-    with _serve(path, max_model_len=2048, cache_gb=0.1) as url:
-        yield url
-
-
-PROBLEM = "Sara has 40 coins. Sara finds 25 more. Sara buys 3 bags with 6 coins in each. How many coins does Sara have now?"
+PROBLEM = (
+    "Sara has 40 coins. Sara finds 25 more. Sara buys 3 bags with 6 coins in each. How many coins does Sara have now?"
+)
 
 
 def test_mmx_tiny_reasons_and_calls_the_calculator_through_both_apis(tiny_server):
@@ -492,22 +483,14 @@ def test_mmx_tiny_reasons_and_calls_the_calculator_through_both_apis(tiny_server
         "description": CALCULATOR_TOOL["function"]["description"],
         "input_schema": CALCULATOR_TOOL["function"]["parameters"],
     }
-    reply = claude.messages.create(
-        model="mmx-tiny",
-        system=SYSTEM_PROMPT,
-        max_tokens=192,
-        extra_body={"temperature": 0},  # this SDK version no longer takes temperature as an argument
-        tools=[tool],
-        messages=[{"role": "user", "content": PROBLEM}],
-    )
+    # this SDK version no longer takes temperature as an argument
+    settings = {"model": "mmx-tiny", "system": SYSTEM_PROMPT, "max_tokens": 192, "extra_body": {"temperature": 0}}
+    reply = claude.messages.create(**settings, tools=[tool], messages=[{"role": "user", "content": PROBLEM}])
     assert reply.stop_reason == "tool_use" and reply.content[0].type == "thinking"
     use = reply.content[-1]
     assert use.type == "tool_use" and use.input == {"expression": expression}
     answer = claude.messages.create(
-        model="mmx-tiny",
-        system=SYSTEM_PROMPT,
-        max_tokens=192,
-        extra_body={"temperature": 0},  # this SDK version no longer takes temperature as an argument
+        **settings,
         tools=[tool],
         messages=[
             {"role": "user", "content": PROBLEM},
