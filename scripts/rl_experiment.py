@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from mmx.rl.config import RLConfig
 from mmx.rl.trainer import RLTrainer
-from mmx.train.checkpoint import latest_checkpoint
+from mmx.train.checkpoint import list_checkpoints
 from mmx.train.metrics import MetricsLog, plot_panels
 
 LOSSES = ("cispo", "dapo", "grpo")
@@ -40,8 +40,8 @@ SETTINGS = {
 
 def run_one(loss: str, seed: int, args: argparse.Namespace) -> str:
     out = os.path.join(args.out, f"{loss}-seed{seed}")
-    finished = latest_checkpoint(out)
-    if finished and int(finished.rsplit("-", 1)[1]) >= args.steps:  # a longer run's prefix is this run (constant lr)
+    finished = list_checkpoints(out)
+    if finished and finished[-1][0] >= args.steps:  # a longer run's prefix is this run (the lr is constant)
         return out
     cfg = RLConfig(
         model=args.model,
