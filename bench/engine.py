@@ -30,7 +30,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from lightning import machine, table, tiny_hybrid_config
 
 import mmx
-from mmx.engine import LLM, SamplingParams
+from mmx.engine import SamplingParams
+from mmx.llm import LLM
 from mmx.utils.memory import tune_allocator
 
 
@@ -161,7 +162,8 @@ def _context_rows(name: str, path: str, lengths: list[int]) -> list[list]:
 
 MEMORY_PROBE = """
 import sys, torch
-from mmx.engine import LLM, SamplingParams
+from mmx.engine import SamplingParams
+from mmx.llm import LLM
 from mmx.utils.memory import tune_allocator
 def status(field):
     return int(next(l for l in open("/proc/self/status") if l.startswith(field)).split()[1]) * 1024

@@ -19,9 +19,15 @@ import dataclasses
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+# ConfigError lives in mmx.errors so that the preset tables can raise it without importing this module (which
+# imports them); mmx.config.ConfigError is the same class.
+from mmx.errors import ConfigError
+from mmx.presets import preset_dict
+from mmx.utils.io import atomic_write_text
 from mmx.utils.logging import get_logger
 
 logger = get_logger(__name__)
@@ -58,14 +64,6 @@ INERT_KEYS = frozenset(
         "attention_bias",
     }
 )
-
-
-class ConfigError(ValueError):
-    """A config value mmx cannot honour; ``key`` names the offending config key."""
-
-    def __init__(self, key: str, message: str):
-        self.key = key
-        super().__init__(f"config key {key!r}: {message}")
 
 
 @dataclass
@@ -126,9 +124,7 @@ class MiniMaxConfig:
 
     def __post_init__(self) -> None:
         if self.head_dim is None:
-            if self.hidden_size % self.num_attention_heads:
-                raise ConfigError("head_dim", "absent, and hidden_size is not divisible by num_attention_heads")
-            self.head_dim = self.hidden_size // self.num_attention_heads
+            self.head_dim = derive_head_dim(self.hidden_size, self.num_attention_heads)
         if self.rotary_dim is None:
             self.rotary_dim = self.head_dim
         if self.layer_types is None:
@@ -186,8 +182,7 @@ class MiniMaxConfig:
             raise ConfigError("qk_norm_type", f"{self.qk_norm_type!r} is not supported; MiniMax uses 'per_layer'")
         if self.lightning_slopes not in ("official", "transformers"):
             raise ConfigError("lightning_slopes", f"{self.lightning_slopes!r} is not 'official' or 'transformers'")
-        if self.dialect not in (DIALECT_OFFICIAL, DIALECT_TRANSFORMERS):
-            raise ConfigError("dialect", f"{self.dialect!r} is not {DIALECT_OFFICIAL!r} or {DIALECT_TRANSFORMERS!r}")
+        check_dialect(self.dialect)
         for key in ("rms_norm_eps", "lightning_norm_eps", "rope_theta"):
             if not getattr(self, key) > 0:
                 raise ConfigError(key, f"must be positive, got {getattr(self, key)!r}")
@@ -237,8 +232,6 @@ class MiniMaxConfig:
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> MiniMaxConfig:
-        from mmx.presets import preset_dict
-
         config = cls.from_dict(preset_dict(name))
         return config.replace(**overrides) if overrides else config
 
@@ -265,20 +258,7 @@ class MiniMaxConfig:
         if "text_config" in data:
             raise ConfigError("text_config", "vision-language configs are not supported; load the text model's config")
         reader = _Reader(data)
-        model_type = data.get("model_type")
-        if model_type in M2_MODEL_TYPES:
-            fields = _read_m2(reader)
-        elif model_type in OFFICIAL_M1_MODEL_TYPES or (model_type is None and "attn_type_list" in data):
-            fields = _read_m1_official(reader)
-        elif model_type == "minimax" or (model_type is None and "layer_types" in data):
-            fields = _read_m1_transformers(reader)
-        else:
-            raise ConfigError(
-                "model_type",
-                f"{model_type!r} is not a MiniMax text model; mmx reads "
-                f"{', '.join(OFFICIAL_M1_MODEL_TYPES[:2])}, minimax and minimax_m2",
-            )
-        fields.update(_read_common(reader))
+        fields = _dialect_of(data).read(reader)
         leftovers = reader.leftovers()
         if leftovers:
             if strict:
@@ -291,92 +271,30 @@ class MiniMaxConfig:
     def to_dict(self, dialect: str | None = None) -> dict[str, Any]:
         """A config.json dict. The transformers dialect loads in transformers 5.x and in mmx; the official dialect
         is the remote-code layout of the released M1 / Text-01 checkpoints."""
-        dialect = dialect or self.dialect
-        if dialect not in (DIALECT_OFFICIAL, DIALECT_TRANSFORMERS):
-            raise ConfigError("dialect", f"{dialect!r} is not {DIALECT_OFFICIAL!r} or {DIALECT_TRANSFORMERS!r}")
-        out: dict[str, Any] = {
-            "vocab_size": self.vocab_size,
-            "hidden_size": self.hidden_size,
-            "intermediate_size": self.intermediate_size,
-            "num_hidden_layers": self.num_hidden_layers,
-            "num_attention_heads": self.num_attention_heads,
-            "num_key_value_heads": self.num_key_value_heads,
-            "head_dim": self.head_dim,
-            "hidden_act": self.hidden_act,
-            "max_position_embeddings": self.max_position_embeddings,
-            "rms_norm_eps": self.rms_norm_eps,
-            "initializer_range": self.initializer_range,
-            "num_local_experts": self.num_local_experts,
-            "num_experts_per_tok": self.num_experts_per_tok,
-            "tie_word_embeddings": self.tie_word_embeddings,
-            "router_aux_loss_coef": self.router_aux_loss_coef,
-            "router_jitter_noise": self.router_jitter_noise,
-            "bos_token_id": self.bos_token_id,
-            "eos_token_id": self.eos_token_id,
-            "pad_token_id": self.pad_token_id,
-            "rotary_dim": self.rotary_dim,
-            "block_size": self.block_size,
-            "attention_dropout": 0.0,
-            "sliding_window": None,
-        }
+        m1_layout = _WRITTEN_AS[check_dialect(dialect or self.dialect)]  # checked for M2 too, which has one
+        spec = _M2 if self.architecture == ARCH_M2 else m1_layout
+        out = {key: getattr(self, key) for key in (*_ALWAYS_WRITTEN, *spec.knobs)}
+        out.update(_SWITCHED_OFF, **copy.deepcopy(spec.constants))
+        for native, official in _OFFICIAL_NAMES.items():
+            name = official if spec.official_names else native
+            out[name] = self.attn_type_list if name == "attn_type_list" else getattr(self, native)
         rope = {"rope_type": "default", "rope_theta": self.rope_theta}
         if self.rotary_dim != self.head_dim:
             rope["partial_rotary_factor"] = self.partial_rotary_factor
-        if self.architecture == ARCH_M2:
-            out.update(
-                model_type="minimax_m2",
-                architectures=["MiniMaxM2ForCausalLM"],
-                rope_parameters=rope,
-                attn_type_list=self.attn_type_list,
-                use_qk_norm=self.use_qk_norm,
-                qk_norm_type=self.qk_norm_type,
-                scoring_func=self.scoring_func,
-                use_routing_bias=self.use_routing_bias,
-                use_mtp=self.use_mtp,
-                num_mtp_modules=self.num_mtp_modules,
-                mtp_transformer_layers=self.mtp_transformer_layers,
-                shared_intermediate_size=0,
-                **self._residual_keys_official(),
-                postnorm=self.postnorm,
-            )
-        elif dialect == DIALECT_TRANSFORMERS:
-            out.update(
-                model_type="minimax",
-                architectures=["MiniMaxForCausalLM"],
-                layer_types=self.layer_types,
-                rope_parameters=rope,
-                **{native: getattr(self, native) for native, _ in _RESIDUAL_KEYS},
-                postnorm=self.postnorm,
-            )
-            if self.lightning_slopes != "transformers":
-                # transformers always uses its own schedule; the key keeps mmx exact on reload.
-                out["lightning_slopes"] = self.lightning_slopes
-        else:
-            out.update(
-                model_type="minimax_m1",
-                architectures=["MiniMaxM1ForCausalLM"],
-                attn_type_list=self.attn_type_list,
-                rope_theta=self.rope_theta,
-                postnorm=self.postnorm,
-                shared_intermediate_size=0,
-                **self._residual_keys_official(),
-            )
-            if self.lightning_slopes != "official":
-                out["lightning_slopes"] = self.lightning_slopes
-        if self.architecture == ARCH_M1 and self.lightning_norm_eps != 1e-6:
-            out["lightning_norm_eps"] = self.lightning_norm_eps
+        out.update({"rope_theta": self.rope_theta} if spec.legacy_rope else {"rope_parameters": rope})
+        if self.architecture == ARCH_M1:
+            # Lightning knobs, written when they differ from what the dialect's own code assumes (transformers
+            # always uses its own schedule: the key keeps mmx exact on reload). M2 files never carry them.
+            for key, assumed in (("lightning_slopes", spec.lightning_slopes), ("lightning_norm_eps", 1e-6)):
+                if getattr(self, key) != assumed:
+                    out[key] = getattr(self, key)
         if self.torch_dtype is not None:
             out["dtype"] = self.torch_dtype
         out.update(self.extra)
         return dict(sorted(out.items()))
 
-    def _residual_keys_official(self) -> dict[str, float]:
-        return {official: getattr(self, native) for native, official in _RESIDUAL_KEYS}
-
     def save_pretrained(self, path: str | os.PathLike, dialect: str | None = None) -> None:
         os.makedirs(path, exist_ok=True)
-        from mmx.utils.io import atomic_write_text
-
         atomic_write_text(os.path.join(path, "config.json"), json.dumps(self.to_dict(dialect), indent=2) + "\n")
 
     def summary(self) -> str:
@@ -406,10 +324,182 @@ def default_layer_types(architecture: str, num_layers: int) -> list[str]:
     return [FULL if (i + 1) % 8 == 0 else LINEAR for i in range(num_layers)]
 
 
+def derive_head_dim(hidden_size: int, num_attention_heads: int) -> int:
+    """head_dim when a config leaves it out, as every dialect's own code computes it."""
+    if hidden_size % num_attention_heads:
+        raise ConfigError("head_dim", "absent, and hidden_size is not divisible by num_attention_heads")
+    return hidden_size // num_attention_heads
+
+
+def check_dialect(dialect: str) -> str:
+    if dialect not in (DIALECT_OFFICIAL, DIALECT_TRANSFORMERS):
+        raise ConfigError("dialect", f"{dialect!r} is not {DIALECT_OFFICIAL!r} or {DIALECT_TRANSFORMERS!r}")
+    return dialect
+
+
 def _resize_layer_types(config: MiniMaxConfig, num_layers: int) -> list[str]:
     """Keep the period of the layout when a preset is shortened or lengthened."""
     period = config.layer_types
     return [period[i % len(period)] for i in range(num_layers)]
+
+
+# ---------------------------------------------------------------------------------------------------- dialects
+# Official names of the fields that transformers (and mmx) name otherwise.
+_RESIDUAL_NAMES = {
+    "full_attn_alpha_factor": "layernorm_full_attention_alpha",
+    "full_attn_beta_factor": "layernorm_full_attention_beta",
+    "linear_attn_alpha_factor": "layernorm_linear_attention_alpha",
+    "linear_attn_beta_factor": "layernorm_linear_attention_beta",
+    "mlp_alpha_factor": "layernorm_mlp_alpha",
+    "mlp_beta_factor": "layernorm_mlp_beta",
+}
+_OFFICIAL_NAMES = {"layer_types": "attn_type_list", **_RESIDUAL_NAMES}
+# Size keys, read as they are (validation, not a cast, rejects a bad one), with their defaults in the M1 dialects
+# (configuration_minimax_m1.py class defaults; transformers' MiniMaxConfig uses the same ones).
+_M1_SIZES = {
+    "vocab_size": 32000,
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "max_position_embeddings": 4096 * 32,
+    "num_local_experts": 8,
+    "num_experts_per_tok": 2,
+}
+# Keys every dialect reads with the same default; a default's type is the type the value is cast to.
+_COMMON_KNOBS: dict[str, Any] = {
+    "hidden_act": "silu",
+    "initializer_range": 0.02,
+    "tie_word_embeddings": False,
+    "router_aux_loss_coef": 0.001,
+    "router_jitter_noise": 0.0,
+    "bos_token_id": None,
+    "eos_token_id": None,
+    "pad_token_id": None,
+    "lightning_norm_eps": 1e-6,
+}
+# Fields every written file carries; lightning_norm_eps is written only when it is not the default (to_dict).
+_ALWAYS_WRITTEN = {*_M1_SIZES, "num_key_value_heads", "head_dim", "rotary_dim", *_COMMON_KNOBS} - {"lightning_norm_eps"}
+# Features no MiniMax model has, written switched off so that other readers do not assume their own defaults.
+_SWITCHED_OFF = {"attention_dropout": 0.0, "sliding_window": None}
+
+
+@dataclass(frozen=True)
+class _Dialect:
+    """One config.json layout: how a file is recognised, what its own code assumes for an absent key, and which
+    keys mmx writes in it."""
+
+    architecture: str
+    dialect: str | None  # None: decided per file, as M2 files come in both dialects
+    model_types: tuple[str, ...]  # model_type values that select this layout
+    marker: str | None  # the key that selects it in a file without model_type
+    sizes: dict[str, Any]  # defaults of the size keys, those of _M1_SIZES
+    knobs: dict[str, Any]  # defaults of its other keys, each also written; the default's type is the key's type
+    lightning_slopes: str  # the schedule its code uses; written only when the config differs
+    rope_theta: float
+    default_layout: Callable[[int], list[str]]
+    official_names: bool  # attn_type_list and layernorm_*_alpha/beta, else layer_types and *_alpha_factor
+    legacy_rope: bool  # rope_theta as a top-level key, else inside rope_parameters
+    constants: dict[str, Any]  # written as they are
+    aliases: dict[str, str] = field(default_factory=dict)  # key -> an older name read when the key is absent
+
+    def read(self, r: _Reader) -> dict[str, Any]:
+        """The MiniMaxConfig fields of a file in this dialect."""
+        out = _read_sizes(r, self.sizes)
+        # An M2 file written by transformers carries rope_parameters; the official one only attn_type_list.
+        official = r.has("attn_type_list") and not r.has("rope_parameters")
+        dialect = self.dialect or (DIALECT_OFFICIAL if official else DIALECT_TRANSFORMERS)
+        n = out["num_hidden_layers"]
+        out.update(architecture=self.architecture, dialect=dialect)
+        out["layer_types"] = _layer_types(r, n, self.default_layout(n))
+        out.update(_read_residual_factors(r))
+        out["rope_theta"], out["rotary_dim"] = _read_rope(r, out["head_dim"], self.rope_theta, dialect)
+        out.update(_take(r, {**self.knobs, "lightning_slopes": self.lightning_slopes}, self.aliases))
+        _reject_unsupported(r)
+        out.update(_take(r, _COMMON_KNOBS))
+        dtype = r.data.get("dtype") or r.data.get("torch_dtype")
+        out["torch_dtype"] = dtype if isinstance(dtype, str) else None
+        out["quantization_config"] = r.data.get("quantization_config")
+        return out
+
+
+_OFFICIAL_M1 = _Dialect(
+    architecture=ARCH_M1,
+    dialect=DIALECT_OFFICIAL,
+    model_types=OFFICIAL_M1_MODEL_TYPES,
+    marker="attn_type_list",
+    sizes=_M1_SIZES,
+    knobs={"rms_norm_eps": 1e-5, "postnorm": False, "block_size": 256},  # postnorm: the remote code's getattr
+    aliases={"block_size": "block"},
+    lightning_slopes="official",
+    rope_theta=1e6,
+    default_layout=lambda n: [FULL] * n,
+    official_names=True,
+    legacy_rope=True,
+    constants={"model_type": "minimax_m1", "architectures": ["MiniMaxM1ForCausalLM"], "shared_intermediate_size": 0},
+)
+_TRANSFORMERS_M1 = _Dialect(
+    architecture=ARCH_M1,
+    dialect=DIALECT_TRANSFORMERS,
+    model_types=("minimax",),
+    marker="layer_types",
+    sizes=_M1_SIZES,
+    knobs={"rms_norm_eps": 1e-5, "postnorm": True, "block_size": 256},  # transformers' MiniMax is always postnorm
+    lightning_slopes="transformers",
+    rope_theta=1e6,
+    default_layout=lambda n: [FULL if i % 2 == 0 else LINEAR for i in range(n)],  # softmax first, alternating
+    official_names=False,
+    legacy_rope=False,
+    constants={"model_type": "minimax", "architectures": ["MiniMaxForCausalLM"]},
+)
+_M2 = _Dialect(
+    architecture=ARCH_M2,
+    dialect=None,
+    model_types=M2_MODEL_TYPES,
+    marker=None,
+    sizes={  # transformers' MiniMaxM2Config defaults (the real M2 sizes)
+        "vocab_size": 200064,
+        "hidden_size": 3072,
+        "intermediate_size": 1536,
+        "num_hidden_layers": 62,
+        "num_attention_heads": 48,
+        "max_position_embeddings": 196608,
+        "num_local_experts": 256,
+        "num_experts_per_tok": 8,
+    },
+    knobs={
+        "rms_norm_eps": 1e-6,
+        "postnorm": False,
+        "use_qk_norm": True,
+        "qk_norm_type": "per_layer",
+        "scoring_func": "sigmoid",
+        "use_routing_bias": True,
+        "use_mtp": False,
+        "num_mtp_modules": 0,
+        "mtp_transformer_layers": 0,
+        "block_size": 256,
+    },
+    lightning_slopes="official",
+    rope_theta=5e6,
+    default_layout=lambda n: [FULL] * n,
+    official_names=True,
+    legacy_rope=False,
+    constants={"model_type": "minimax_m2", "architectures": ["MiniMaxM2ForCausalLM"], "shared_intermediate_size": 0},
+)
+_DIALECTS = (_M2, _OFFICIAL_M1, _TRANSFORMERS_M1)  # in the order a file is matched against them
+_WRITTEN_AS = {DIALECT_OFFICIAL: _OFFICIAL_M1, DIALECT_TRANSFORMERS: _TRANSFORMERS_M1}  # M1 files; M2 has one
+
+
+def _dialect_of(data: dict[str, Any]) -> _Dialect:
+    model_type = data.get("model_type")
+    for spec in _DIALECTS:
+        if model_type in spec.model_types or (model_type is None and spec.marker is not None and spec.marker in data):
+            return spec
+    raise ConfigError(
+        "model_type",
+        f"{model_type!r} is not a MiniMax text model; mmx reads "
+        f"{', '.join(OFFICIAL_M1_MODEL_TYPES[:2])}, minimax and minimax_m2",
+    )
 
 
 # ---------------------------------------------------------------------------------------------------- readers
@@ -435,6 +525,17 @@ class _Reader:
         return sorted(k for k in self.data if k not in self.used and k not in INERT_KEYS)
 
 
+def _take(r: _Reader, defaults: dict[str, Any], aliases: dict[str, str] | None = None) -> dict[str, Any]:
+    """Read each key (else its alias, else the default), cast to the type of its default as the remote code's
+    own casts do; a default of None or a string leaves the value as it is."""
+    out = {}
+    for key, default in defaults.items():
+        fallback = r.get(aliases[key], default) if aliases and key in aliases else default
+        value = r.get(key, fallback)
+        out[key] = type(default)(value) if isinstance(default, (bool, int, float)) else value
+    return out
+
+
 def _same(a: Any, b: Any) -> bool:
     if isinstance(a, float) or isinstance(b, float):
         return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-12)
@@ -446,51 +547,33 @@ def _check_agree(key: str, value: Any, other_key: str, other: Any) -> None:
         raise ConfigError(key, f"{value!r} contradicts {other_key}={other!r}")
 
 
-def _layer_types_from_attn_type_list(r: _Reader) -> list[str] | None:
-    if not r.has("attn_type_list"):
-        r.get("attn_type_list")
-        return None
-    values = r.get("attn_type_list")
-    if not isinstance(values, list):
-        raise ConfigError("attn_type_list", f"must be a list of 0/1, got {values!r}")
-    kinds = []
-    for i, v in enumerate(values):
-        if v == 0 and not isinstance(v, bool):
-            kinds.append(LINEAR)
-        elif v == 1 and not isinstance(v, bool):
-            kinds.append(FULL)
-        else:
-            raise ConfigError("attn_type_list", f"entry {i} is {v!r}; only 0 (lightning) and 1 (softmax) exist")
-    return kinds
-
-
 def _layer_types(r: _Reader, num_layers: int, default: list[str]) -> list[str]:
-    from_list = _layer_types_from_attn_type_list(r)
-    from_types = r.get("layer_types")
-    if from_types is not None and not isinstance(from_types, list):
-        raise ConfigError("layer_types", f"must be a list, got {from_types!r}")
-    if from_list is not None and from_types is not None and from_list != from_types:
+    codes, kinds = r.get("attn_type_list"), r.get("layer_types")
+    if codes is not None:
+        if not isinstance(codes, list):
+            raise ConfigError("attn_type_list", f"must be a list of 0/1, got {codes!r}")
+        for i, v in enumerate(codes):
+            if v not in (0, 1) or isinstance(v, bool):
+                raise ConfigError("attn_type_list", f"entry {i} is {v!r}; only 0 (lightning) and 1 (softmax) exist")
+        codes = [LINEAR if v == 0 else FULL for v in codes]
+    if kinds is not None and not isinstance(kinds, list):
+        raise ConfigError("layer_types", f"must be a list, got {kinds!r}")
+    if codes is not None and kinds is not None and codes != kinds:
         raise ConfigError("attn_type_list", "contradicts layer_types")
-    kinds = from_list if from_list is not None else from_types
-    if kinds is None:
-        kinds = default
-    if len(kinds) != num_layers:
-        key = "attn_type_list" if from_list is not None else "layer_types"
-        raise ConfigError(key, f"has {len(kinds)} entries for num_hidden_layers={num_layers}")
-    return kinds
+    chosen = codes if codes is not None else kinds if kinds is not None else default
+    if len(chosen) != num_layers:
+        key = "attn_type_list" if codes is not None else "layer_types"
+        raise ConfigError(key, f"has {len(chosen)} entries for num_hidden_layers={num_layers}")
+    return chosen
 
 
-def _read_shared_expert(r: _Reader) -> None:
+def _reject_unsupported(r: _Reader) -> None:
     shared = r.get("shared_intermediate_size", 0)
-    sizes = shared if isinstance(shared, list) else [shared]
-    if any(s != 0 for s in sizes):
+    if any(size != 0 for size in (shared if isinstance(shared, list) else [shared])):
         raise ConfigError(
             "shared_intermediate_size",
             f"{shared!r}: no released MiniMax model has a shared expert and mmx does not implement one",
         )
-
-
-def _read_unsupported(r: _Reader) -> None:
     if r.get("sliding_window") is not None:
         raise ConfigError("sliding_window", "sliding-window attention is not part of any MiniMax model")
     if r.get("attention_dropout", 0.0) not in (0, 0.0):
@@ -510,22 +593,18 @@ def _read_rope(r: _Reader, head_dim: int, default_theta: float, dialect: str) ->
     unknown = set(params) - {"rope_type", "type", "rope_theta", "partial_rotary_factor"}
     if unknown:
         raise ConfigError(f"rope_parameters.{sorted(unknown)[0]}", "is not supported")
-    legacy_theta = r.get("rope_theta")
-    new_theta = params.get("rope_theta")
-    if legacy_theta is not None and new_theta is not None and not _same(legacy_theta, new_theta):
+    legacy, new = r.get("rope_theta"), params.get("rope_theta")
+    theta = legacy if legacy is not None else new
+    if legacy is not None and new is not None and not _same(legacy, new):
         # transformers reads rope_parameters and ignores the legacy key; the official code reads rope_theta.
-        winner = legacy_theta if dialect == DIALECT_OFFICIAL else new_theta
+        theta = legacy if dialect == DIALECT_OFFICIAL else new
         logger.warning(
             "config has rope_theta=%s and rope_parameters.rope_theta=%s; using %s as this dialect does",
-            legacy_theta,
-            new_theta,
-            winner,
+            legacy,
+            new,
+            theta,
         )
-        theta = winner
-    else:
-        theta = legacy_theta if legacy_theta is not None else new_theta
     theta = float(theta if theta is not None else default_theta)
-
     rotary_dim = r.get("rotary_dim")
     factor = params.get("partial_rotary_factor", r.get("partial_rotary_factor"))
     if factor is not None:
@@ -549,19 +628,9 @@ def _read_rope(r: _Reader, head_dim: int, default_theta: float, dialect: str) ->
     return theta, rotary_dim if rotary_dim is not None else head_dim
 
 
-_RESIDUAL_KEYS = (
-    ("full_attn_alpha_factor", "layernorm_full_attention_alpha"),
-    ("full_attn_beta_factor", "layernorm_full_attention_beta"),
-    ("linear_attn_alpha_factor", "layernorm_linear_attention_alpha"),
-    ("linear_attn_beta_factor", "layernorm_linear_attention_beta"),
-    ("mlp_alpha_factor", "layernorm_mlp_alpha"),
-    ("mlp_beta_factor", "layernorm_mlp_beta"),
-)
-
-
 def _read_residual_factors(r: _Reader) -> dict[str, float]:
     out = {}
-    for native, official in _RESIDUAL_KEYS:
+    for native, official in _RESIDUAL_NAMES.items():
         a, b = r.get(native), r.get(official)
         if a is not None and b is not None:
             _check_agree(official, b, native, a)
@@ -571,126 +640,12 @@ def _read_residual_factors(r: _Reader) -> dict[str, float]:
 
 
 def _read_sizes(r: _Reader, defaults: dict[str, Any]) -> dict[str, Any]:
-    out = {}
-    for key in (
-        "vocab_size",
-        "hidden_size",
-        "intermediate_size",
-        "num_hidden_layers",
-        "num_attention_heads",
-        "max_position_embeddings",
-    ):
-        out[key] = r.get(key, defaults.get(key))
-        if out[key] is None:
-            raise ConfigError(key, "is required")
-    experts = r.get("num_local_experts")
-    alias = r.get("num_experts")
+    out = {key: r.get(key, default) for key, default in defaults.items() if key != "num_local_experts"}
+    experts, alias = r.get("num_local_experts"), r.get("num_experts")
     if experts is not None and alias is not None:
         _check_agree("num_experts", alias, "num_local_experts", experts)
     out["num_local_experts"] = experts if experts is not None else (alias or defaults["num_local_experts"])
-    out["num_experts_per_tok"] = r.get("num_experts_per_tok", defaults["num_experts_per_tok"])
     out["num_key_value_heads"] = r.get("num_key_value_heads", out["num_attention_heads"])
     head_dim = r.get("head_dim")
-    if head_dim is None:
-        if out["hidden_size"] % out["num_attention_heads"]:
-            raise ConfigError("head_dim", "absent, and hidden_size is not divisible by num_attention_heads")
-        head_dim = out["hidden_size"] // out["num_attention_heads"]
-    out["head_dim"] = head_dim
-    out["hidden_act"] = r.get("hidden_act", "silu")
-    out["rms_norm_eps"] = float(r.get("rms_norm_eps", defaults["rms_norm_eps"]))
-    out["initializer_range"] = float(r.get("initializer_range", 0.02))
-    return out
-
-
-def _read_common(r: _Reader) -> dict[str, Any]:
-    _read_unsupported(r)
-    dtype = r.data.get("dtype") or r.data.get("torch_dtype")
-    return {
-        "tie_word_embeddings": bool(r.get("tie_word_embeddings", False)),
-        "router_aux_loss_coef": float(r.get("router_aux_loss_coef", 0.001)),
-        "router_jitter_noise": float(r.get("router_jitter_noise", 0.0)),
-        "bos_token_id": r.get("bos_token_id"),
-        "eos_token_id": r.get("eos_token_id"),
-        "pad_token_id": r.get("pad_token_id"),
-        "torch_dtype": dtype if isinstance(dtype, str) else None,
-        "quantization_config": r.data.get("quantization_config"),
-        "lightning_norm_eps": float(r.get("lightning_norm_eps", 1e-6)),
-    }
-
-
-_M1_OFFICIAL_DEFAULTS = {  # configuration_minimax_m1.py class defaults
-    "vocab_size": 32000,
-    "hidden_size": 4096,
-    "intermediate_size": 14336,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "max_position_embeddings": 4096 * 32,
-    "num_local_experts": 8,
-    "num_experts_per_tok": 2,
-    "rms_norm_eps": 1e-5,
-}
-_M1_TRANSFORMERS_DEFAULTS = _M1_OFFICIAL_DEFAULTS  # transformers' MiniMaxConfig uses the same defaults
-_M2_DEFAULTS = {  # transformers' MiniMaxM2Config defaults (the real M2 sizes)
-    "vocab_size": 200064,
-    "hidden_size": 3072,
-    "intermediate_size": 1536,
-    "num_hidden_layers": 62,
-    "num_attention_heads": 48,
-    "max_position_embeddings": 196608,
-    "num_local_experts": 256,
-    "num_experts_per_tok": 8,
-    "rms_norm_eps": 1e-6,
-}
-
-
-def _read_m1_official(r: _Reader) -> dict[str, Any]:
-    out = _read_sizes(r, _M1_OFFICIAL_DEFAULTS)
-    out["architecture"] = ARCH_M1
-    out["dialect"] = DIALECT_OFFICIAL
-    out["layer_types"] = _layer_types(r, out["num_hidden_layers"], [FULL] * out["num_hidden_layers"])
-    out.update(_read_residual_factors(r))
-    out["postnorm"] = bool(r.get("postnorm", False))  # the remote code's getattr default
-    out["rope_theta"], out["rotary_dim"] = _read_rope(r, out["head_dim"], 1e6, DIALECT_OFFICIAL)
-    out["block_size"] = int(r.get("block_size", r.get("block", 256)))
-    out["lightning_slopes"] = r.get("lightning_slopes", "official")
-    _read_shared_expert(r)
-    return out
-
-
-def _read_m1_transformers(r: _Reader) -> dict[str, Any]:
-    out = _read_sizes(r, _M1_TRANSFORMERS_DEFAULTS)
-    out["architecture"] = ARCH_M1
-    out["dialect"] = DIALECT_TRANSFORMERS
-    n = out["num_hidden_layers"]
-    alternating = [FULL if (i + 1) % 2 else LINEAR for i in range(n)]  # transformers' default layout
-    out["layer_types"] = _layer_types(r, n, alternating)
-    out.update(_read_residual_factors(r))
-    out["postnorm"] = bool(r.get("postnorm", True))  # transformers' MiniMax is always postnorm
-    out["rope_theta"], out["rotary_dim"] = _read_rope(r, out["head_dim"], 1e6, DIALECT_TRANSFORMERS)
-    out["block_size"] = int(r.get("block_size", 256))
-    out["lightning_slopes"] = r.get("lightning_slopes", "transformers")
-    _read_shared_expert(r)
-    return out
-
-
-def _read_m2(r: _Reader) -> dict[str, Any]:
-    out = _read_sizes(r, _M2_DEFAULTS)
-    out["architecture"] = ARCH_M2
-    out["dialect"] = (
-        DIALECT_OFFICIAL if r.has("attn_type_list") and not r.has("rope_parameters") else (DIALECT_TRANSFORMERS)
-    )
-    out["layer_types"] = _layer_types(r, out["num_hidden_layers"], [FULL] * out["num_hidden_layers"])
-    out.update(_read_residual_factors(r))
-    out["postnorm"] = bool(r.get("postnorm", False))
-    out["rope_theta"], out["rotary_dim"] = _read_rope(r, out["head_dim"], 5e6, out["dialect"])
-    out["use_qk_norm"] = bool(r.get("use_qk_norm", True))
-    out["qk_norm_type"] = r.get("qk_norm_type", "per_layer")
-    out["scoring_func"] = r.get("scoring_func", "sigmoid")
-    out["use_routing_bias"] = bool(r.get("use_routing_bias", True))
-    out["use_mtp"] = bool(r.get("use_mtp", False))
-    out["num_mtp_modules"] = int(r.get("num_mtp_modules", 0))
-    out["mtp_transformer_layers"] = int(r.get("mtp_transformer_layers", 0))
-    out["block_size"] = int(r.get("block_size", 256))
-    out["lightning_slopes"] = r.get("lightning_slopes", "official")
-    _read_shared_expert(r)
+    out["head_dim"] = derive_head_dim(out["hidden_size"], out["num_attention_heads"]) if head_dim is None else head_dim
     return out

@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from mmx.config import ConfigError
+from mmx.errors import ConfigError
 
 _M1_80K: dict[str, Any] = {
     "architectures": ["MiniMaxM1ForCausalLM"],

@@ -1,5 +1,6 @@
 """Accuracy of mmx-tiny (or any checkpoint trained on the arithmetic task) on the held-out test problems, with and
-without the calculator tool, greedy decoding through the engine and the full tool loop.
+without the calculator tool, greedy decoding through the engine and the full tool loop. The final answer is graded
+three ways: its number, the item it names and the person it names must be the question's.
 
     python scripts/eval_mmx_tiny.py                        # the embedded model, 500 held-out problems
     python scripts/eval_mmx_tiny.py runs/mmx-tiny/export --problems 200 --json results.json
@@ -19,7 +20,8 @@ from collections import Counter
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from mmx.cli.common import resolve_model
-from mmx.engine import LLM, SamplingParams
+from mmx.engine import SamplingParams
+from mmx.llm import LLM
 from mmx.tasks.arithmetic import make_problems
 from mmx.tasks.solve import solve_problems
 
@@ -37,6 +39,11 @@ def failure_kind(episode) -> str:
     if calls and any(r.startswith("error") for t in episode.turns for r in t.results):
         return "calculator error"
     return "wrong answer"
+
+
+def share(episodes, *keys: str) -> float:
+    """The fraction of episodes graded right on all of ``keys``."""
+    return sum(all(e.metadata[k] for k in keys) for e in episodes) / len(episodes)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,23 +68,24 @@ def main(argv: list[str] | None = None) -> int:
             n = len(e.metadata["problem"].steps)
             by_steps[n] += 1
             right[n] += e.metadata["correct"]
-        # the grader reads only the number; this tells how often the answer also names the right things
-        named = sum(e.metadata["problem"].item in e.final_content for e in episodes) / len(episodes)
         label = "with tool" if use_tool else "without tool"
         results[label] = {
-            "accuracy": stats["accuracy"],
+            "accuracy": stats["accuracy"],  # the number (the RL reward)
+            "item_right": share(episodes, "item_right"),
+            "name_right": share(episodes, "name_right"),
+            "all_right": share(episodes, "correct", "item_right", "name_right"),
             "problems": len(problems),
             "outcomes": dict(kinds),
             "accuracy_by_steps": {n: right[n] / by_steps[n] for n in sorted(by_steps)},
-            "answer_names_the_item": named,
             "generated_tokens": stats["generated_tokens"],
             "tokens_per_s": stats["tokens_per_s"],
             "seconds": time.perf_counter() - started,
         }
+        r = results[label]
         print(
-            f"{label}: accuracy {stats['accuracy']:.1%} on {len(problems)} problems; {dict(kinds)}; "
-            f"by steps {results[label]['accuracy_by_steps']}; answer names the item {named:.1%}; "
-            f"{stats['tokens_per_s']:.0f} tokens/s"
+            f"{label}: number right {r['accuracy']:.1%}, item {r['item_right']:.1%}, name {r['name_right']:.1%}, "
+            f"all three {r['all_right']:.1%} on {len(problems)} problems; {dict(kinds)}; "
+            f"by steps {r['accuracy_by_steps']}; {stats['tokens_per_s']:.0f} tokens/s"
         )
     if args.json:
         with open(args.json, "w") as f:

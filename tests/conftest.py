@@ -79,10 +79,10 @@ def tiny_tokenizer():
 def tiny_server():
     """A real `mmx serve` process of the embedded mmx-tiny model on 127.0.0.1 (skips when the model is absent)."""
     from mmx.embedded import embedded_model_path
-    from tests.test_server import _serve
+    from tests.helpers import serve
 
     path = embedded_model_path()
     if path is None:
         pytest.skip("the embedded mmx-tiny model is not installed")
-    with _serve(path, max_model_len=2048, cache_gb=0.1) as url:
+    with serve(path, max_model_len=2048, cache_gb=0.1) as url:
         yield url

@@ -1,6 +1,7 @@
 """TEST-ONLY: an mmx server whose "model" replays scripted completions.
 
-The engine interface (generate / abort / stats / tokenizer) is the real one's; only the token source is a script:
+The engine interface (generate / finish_sequence / abort / stats, in token ids) is the real one's; only the token
+source is a script:
 the completion for a prompt is the script entry whose key occurs latest in the prompt text. Every prompt is appended to a
 log file so tests can check what the server rendered (interleaved thinking, tool results).
 
@@ -13,7 +14,7 @@ import argparse
 import asyncio
 import json
 
-from mmx.chat import IncrementalDetokenizer, Tokenizer
+from mmx.chat import Tokenizer
 from mmx.engine.async_engine import EngineStats
 from mmx.engine.outputs import CompletionOutput, RequestOutput
 
@@ -32,26 +33,26 @@ class ReplayEngine:
         hits = [(prompt.rfind(key), text) for key, text in self.script.items() if key in prompt]
         return max(hits)[1] if hits else "(no script entry)"
 
-    async def generate(self, prompt_ids, params, request_id=None):
+    def generate(self, prompt_ids, params, request_id=None):
         prompt = self.tokenizer.decode(prompt_ids, skip_special_tokens=False)
         with open(self.log_path, "a", encoding="utf-8") as f:
             f.write(json.dumps(prompt) + "\n")
-        ids = self.tokenizer.encode(self.completion_for(prompt))
+        return self._replay(list(prompt_ids), self.tokenizer.encode(self.completion_for(prompt)), params, request_id)
+
+    async def _replay(self, prompt_ids, ids, params, request_id):
         limit = params.max_tokens or len(ids)
-        detok = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=False)
-        text, out_ids = "", []
+        out_ids: list[int] = []
         for start in range(0, min(len(ids), limit), self.chunk):
             piece = ids[start : min(start + self.chunk, limit)]
             out_ids += piece
-            text += detok.add(piece)
             done = len(out_ids) >= min(len(ids), limit)
-            if done:
-                text += detok.flush()
             reason = ("length" if limit < len(ids) else "stop") if done else None
-            yield RequestOutput(
-                request_id, None, list(prompt_ids), [CompletionOutput(0, text, list(out_ids), reason)], done
-            )
+            sample = CompletionOutput(0, "", list(out_ids), reason, new_token_ids=piece)
+            yield RequestOutput(request_id, None, prompt_ids, [sample], done)
             await asyncio.sleep(0)
+
+    def finish_sequence(self, request_id: str, index: int, stop_reason=None) -> None:
+        pass
 
     def abort(self, request_id: str) -> None:
         pass
@@ -60,7 +61,7 @@ class ReplayEngine:
 def main() -> None:
     import uvicorn
 
-    from mmx.chat.template import builtin_template
+    from mmx.chat.formats import ChatSetup, get_format
     from mmx.serve import ServerState, build_app
 
     parser = argparse.ArgumentParser()
@@ -73,14 +74,14 @@ def main() -> None:
     tokenizer = Tokenizer.from_pretrained(args.tokenizer)
     with open(args.script, encoding="utf-8") as f:
         script = json.load(f)
+    chat_format = get_format(args.style)
     state = ServerState(
         engine=ReplayEngine(tokenizer, script, args.log),
+        tokenizer=tokenizer,
+        chat=ChatSetup(chat_format.builtin_template, chat_format),
         model_name="replay",
         model_path="replay",
         max_model_len=4096,
-        vocab_size=tokenizer.vocab_size,
-        template=builtin_template(args.style),
-        style=args.style,
     )
     uvicorn.run(build_app(state), host="127.0.0.1", port=args.port, log_level="warning")
 

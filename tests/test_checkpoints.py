@@ -273,6 +273,7 @@ def test_load_peak_memory_stays_near_model_size(tmp_path):
     script = textwrap.dedent(
         f"""
         import mmx
+        import mmx.model.weights  # the code that loads, imported before the measurement starts (mmx is lazy)
         def status(field):
             line = next(l for l in open("/proc/self/status") if l.startswith(field))
             return int(line.split()[1]) * 1024

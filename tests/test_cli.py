@@ -93,3 +93,41 @@ def test_chat_session(tmp_path, tiny_tokenizer, monkeypatch, capsys):
     assert main(["chat", path, "--max-tokens", "6", "--max-model-len", "256"]) == 0
     out = capsys.readouterr().out
     assert "minimax_m2 format" in out and out.count("you>") == 4
+
+
+def test_help_does_not_import_torch():
+    """`mmx --help` and every `mmx SUBCOMMAND --help` must stay instant: no torch import."""
+    script = """
+import sys
+from mmx.cli.main import SUBCOMMANDS, build_parser, main
+
+build_parser()
+for argv in (["--help"], ["--version"], *([name, "--help"] for name in SUBCOMMANDS)):
+    try:
+        main(argv)
+    except SystemExit as e:
+        assert e.code == 0, (argv, e.code)
+heavy = sorted(m for m in ("torch", "mmx.engine.llm_engine", "mmx.model") if m in sys.modules)
+assert not heavy, heavy
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "usage: mmx" in out.stdout and "serve a model over the OpenAI and Anthropic HTTP APIs" in out.stdout
+
+
+def test_subcommand_help_lines_match_their_modules():
+    """`mmx --help` shows the help lines of mmx.cli.main.SUBCOMMANDS; each must be the one its module registers."""
+    import argparse
+    import importlib
+
+    from mmx.cli.main import SUBCOMMANDS, build_parser
+
+    for name, (module, help_line) in SUBCOMMANDS.items():
+        real = argparse.ArgumentParser(prog="x")
+        importlib.import_module(module).add_parser(real.add_subparsers(metavar="COMMAND"))
+        table = argparse.ArgumentParser(prog="x")
+        table.add_subparsers(metavar="COMMAND").add_parser(name, help=help_line)
+        assert real.format_help() == table.format_help(), name
+    # the subcommand being run gets its real arguments, the others only their help line
+    args = build_parser("generate").parse_args(["generate", "m", "--prompt", "hi"])
+    assert args.command == "generate" and args.prompt == ["hi"]

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 import mmx
-from mmx.engine import LLM, AsyncLLM, LLMEngine, SamplingParams
+from mmx.engine import AsyncLLM, LLMEngine, SamplingParams
 from mmx.engine.cache import CacheLayout
+from mmx.llm import LLM
 from mmx.model.generate import greedy_generate_recompute
 
 from .conftest import tiny_model

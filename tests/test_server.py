@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import socket
-import subprocess
 import sys
 import time
 
@@ -16,38 +12,10 @@ import pytest
 openai = pytest.importorskip("openai")
 anthropic = pytest.importorskip("anthropic")
 
+from .helpers import free_port, running, serve  # noqa: E402
+
 MODEL = "tiny"
 KEY = "sk-test-123"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def running(command: list[str], port: int):
-    env = {**os.environ, "MMX_LOG_LEVEL": "WARNING", "PYTHONPATH": os.getcwd()}
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    try:
-        deadline = time.time() + 90
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                raise RuntimeError(f"server did not start:\n{proc.stdout.read()}")
-            time.sleep(0.2)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 @pytest.fixture(scope="module")
@@ -60,30 +28,9 @@ def checkpoint(tmp_path_factory, tiny_tokenizer):
     return str(path)
 
 
-def _serve(checkpoint: str, *extra: str, max_model_len: int = 512, cache_gb: float = 0.05):
-    port = _free_port()
-    command = [
-        sys.executable,
-        "-m",
-        "mmx.cli.main",
-        "serve",
-        checkpoint,
-        "--port",
-        str(port),
-        "--max-model-len",
-        str(max_model_len),
-        "--cache-memory-gb",
-        str(cache_gb),
-        "--max-body-mb",
-        "0.25",
-        *extra,
-    ]
-    return running(command, port)
-
-
 @pytest.fixture(scope="module")
 def server(checkpoint):
-    with _serve(checkpoint) as url:
+    with serve(checkpoint) as url:
         yield url
 
 
@@ -280,7 +227,7 @@ def test_anthropic_messages_and_stream(server):
 
 
 def test_auth(checkpoint):
-    with _serve(checkpoint, "--api-key", KEY) as url:
+    with serve(checkpoint, "--api-key", KEY) as url:
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=f"{url}/v1", api_key="wrong", max_retries=0).models.list()
         r = httpx.get(f"{url}/v1/models")
@@ -322,7 +269,7 @@ def replay(tmp_path_factory, tiny_tokenizer):
     tiny_tokenizer.save_pretrained(tmp / "tok")
     (tmp / "script.json").write_text(json.dumps(SCRIPT))
     log = tmp / "prompts.log"
-    port = _free_port()
+    port = free_port()
     command = [
         sys.executable,
         "-m",

@@ -12,7 +12,7 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from starlette.testclient import TestClient  # noqa: E402
 
-from mmx.chat.template import builtin_template  # noqa: E402
+from mmx.chat.formats import chat_for  # noqa: E402
 from mmx.engine import AsyncLLM, LLMEngine  # noqa: E402
 from mmx.serve import ServerState, build_app  # noqa: E402
 
@@ -139,15 +139,14 @@ REQUEST = st.one_of(
 
 @pytest.fixture(scope="module")
 def http(tiny_tokenizer):
-    engine = AsyncLLM(LLMEngine(tiny_model("tiny-m2"), tiny_tokenizer, max_model_len=128, cache_memory_gb=0.02))
+    engine = AsyncLLM(LLMEngine(tiny_model("tiny-m2"), max_model_len=128, cache_memory_gb=0.02))
     state = ServerState(
         engine=engine,
+        tokenizer=tiny_tokenizer,
+        chat=chat_for(tiny_tokenizer, "minimax_m2", "minimax_m2"),
         model_name="tiny",
         model_path="tiny",
         max_model_len=128,
-        vocab_size=512,
-        template=builtin_template("minimax_m2"),
-        style="minimax_m2",
     )
     with TestClient(build_app(state, max_body_bytes=1 << 16), raise_server_exceptions=False) as client:
         yield client

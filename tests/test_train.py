@@ -271,7 +271,8 @@ def test_checkpoint_loads_in_mmx_engine_and_transformers(sft_dir, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import mmx
-    from mmx.engine import LLM, SamplingParams
+    from mmx.engine import SamplingParams
+    from mmx.llm import LLM
 
     trainer = Trainer(TrainConfig.from_dict(config_for(sft_dir, tmp_path, steps=3, save_every=3, eval_every=0)))
     trainer.train()

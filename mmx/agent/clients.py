@@ -2,7 +2,7 @@
 
 Interleaved thinking (specs/m2_and_formats.md §6.3): M2 must see its earlier reasoning again. So each assistant
 turn goes back into the history exactly as the server sent it: for OpenAI the message with its ``content`` (which
-may hold ``<think>...</think>`` inline), ``tool_calls`` and whichever reasoning field the server used
+may hold its reasoning inline), ``tool_calls`` and whichever reasoning field the server used
 (``reasoning_content``, ``reasoning`` or ``reasoning_details``); for Anthropic the full list of content blocks,
 ``thinking`` blocks included.
 """
@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from mmx.agent.tools import Tool
+from mmx.chat.reasoning import split_inline_think
 
 REASONING_FIELDS = ("reasoning_content", "reasoning", "reasoning_details")
 
@@ -84,15 +85,6 @@ def served_model(root: str, headers: dict[str, str], timeout: float) -> str:
             return json.loads(response.read())["data"][0]["id"]
     except (urllib.error.URLError, TimeoutError, ConnectionError, KeyError, IndexError, json.JSONDecodeError) as e:
         raise AgentError(f"no model given and {root}/v1/models did not name one ({e}); pass a model name") from None
-
-
-def split_inline_think(content: str) -> tuple[str | None, str]:
-    """(reasoning, visible text) of content that carries ``<think>...</think>`` inline (append-think servers)."""
-    start, end = content.find("<think>"), content.find("</think>")
-    if end == -1:
-        return None, content
-    reasoning = content[start + len("<think>") if start != -1 and start < end else 0 : end]
-    return reasoning.strip("\n"), content[end + len("</think>") :].lstrip("\n")
 
 
 @dataclass

@@ -8,8 +8,8 @@
 Newlines around the boundary are layout, not text: the reasoning loses leading / trailing newlines and the answer
 its leading ones (the M2 template adds them back when the turn is rendered again).
 
-:func:`split_reasoning` takes a finished text; :class:`ReasoningStreamParser` takes it piece by piece and emits
-exactly the same two strings, whatever the pieces.
+:class:`ReasoningStreamParser` takes the text piece by piece; :func:`split_reasoning` is the same parser fed a
+finished text at once.
 """
 
 from __future__ import annotations
@@ -25,28 +25,20 @@ def _check_style(style: str) -> None:
 
 
 def split_reasoning(text: str, style: str = "minimax_m2") -> tuple[str | None, str]:
-    """(reasoning, content). Reasoning is None when the output has none (M1 without ``<think>``)."""
-    _check_style(style)
-    if style == "minimax_m1":
-        body = text.lstrip()
-        if not body.startswith(THINK_OPEN):
-            return None, text
-        body = body[len(THINK_OPEN) :]
-        end = body.find(THINK_CLOSE)
-        if end == -1:
-            return body.strip("\n"), ""
-        return body[:end].strip("\n"), body[end + len(THINK_CLOSE) :].lstrip("\n")
-    body = text
-    if body.lstrip("\n").startswith(THINK_OPEN):
-        body = body.lstrip("\n")[len(THINK_OPEN) :]
-    end, tool = body.find(THINK_CLOSE), body.find(M2_TOOL_OPEN)
-    if end != -1 and (tool == -1 or end < tool):
-        reasoning, content = body[:end], body[end + len(THINK_CLOSE) :]
-    elif tool != -1:
-        reasoning, content = body[:tool], body[tool:]
-    else:
-        reasoning, content = body, ""
-    return reasoning.strip("\n"), content.lstrip("\n")
+    """(reasoning, content) of a finished text. Reasoning is None when the output has none (M1 without
+    ``<think>``). The streaming parser fed the whole text at once."""
+    parser = ReasoningStreamParser(style)
+    r1, c1 = parser.feed(text)
+    r2, c2 = parser.finish()
+    return (r1 + r2 if parser.saw_reasoning else None), c1 + c2
+
+
+def split_inline_think(text: str) -> tuple[str | None, str]:
+    """(reasoning, visible text) of a reply that carries its reasoning inline as ``<think>...</think>`` (what
+    append-think servers send back); reasoning is None when the text has no closed think block."""
+    if THINK_CLOSE not in text:
+        return None, text
+    return split_reasoning(text, "minimax_m2")
 
 
 def _partial_suffix(text: str, tags: tuple[str, ...]) -> int:

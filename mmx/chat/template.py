@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 from datetime import datetime
 from functools import lru_cache
 from typing import Any
@@ -23,18 +22,10 @@ import jinja2.ext
 import jinja2.nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-TEMPLATE_DIR = os.path.join(os.path.dirname(__file__), "templates")
+from mmx.chat.formats import builtin_template  # noqa: F401  (re-exported: the built-in templates by name)
+
 REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
 _SPAN_START, _SPAN_END = "\x00mmx-gen-start\x00", "\x00mmx-gen-end\x00"
-
-
-def builtin_template(name: str) -> str:
-    """mmx's own templates: "minimax_m1" or "minimax_m2"."""
-    path = os.path.join(TEMPLATE_DIR, f"{name}.jinja")
-    if not os.path.exists(path):
-        raise ValueError(f"unknown chat template {name!r}; mmx ships minimax_m1 and minimax_m2")
-    with open(path, encoding="utf-8") as f:
-        return f.read()
 
 
 class _GenerationTracker(jinja2.ext.Extension):

@@ -15,33 +15,10 @@ from typing import Any
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
-M1_SPECIAL_TOKENS = [
-    "<begin_of_document>",
-    "<beginning_of_sentence>",
-    "<end_of_sentence>",
-    "<end_of_document>",
-    "<think>",
-    "</think>",
-    "<tool_calls>",
-    "</tool_calls>",
-]
-M2_SPECIAL_TOKENS = [
-    "]~!b[",
-    "]~b]",
-    "[e~[",
-    "]!p~[",
-    "<think>",
-    "</think>",
-    "<minimax:tool_call>",
-    "</minimax:tool_call>",
-]
+from mmx.chat.formats import M1, M2, TEXT_TAGS
 
-
-# Added tokens that are text, not control: decoding with skip_special_tokens keeps them, so reasoning and tool-call
-# parsers see them (as in the released checkpoints, where only role markers, BOS / EOS and padding are special).
-TEXT_TAGS = frozenset(
-    {"<think>", "</think>", "<minimax:tool_call>", "</minimax:tool_call>", "<tool_calls>", "</tool_calls>"}
-)
+M1_SPECIAL_TOKENS = list(M1.special_tokens)
+M2_SPECIAL_TOKENS = list(M2.special_tokens)
 
 
 def _keep_tags_in_text(backend: HFTokenizer) -> HFTokenizer:
@@ -63,7 +40,6 @@ class Tokenizer:
         self.bos_token = _token_text(self.config.get("bos_token"))
         self.eos_token = _token_text(self.config.get("eos_token"))
         self.pad_token = _token_text(self.config.get("pad_token"))
-        self.special_ids = {i for i, tok in backend.get_added_tokens_decoder().items() if tok.special}
 
     # ------------------------------------------------------------------ loading and saving
     @classmethod

@@ -21,18 +21,18 @@ Malformed output never raises: a block with no usable call stays in the content 
 a tool that is not offered (when tools are given) stays in the content instead of becoming a fabricated call.
 Content is the text outside the blocks, stripped (None if empty).
 
-:func:`parse_tool_calls` takes a finished text; :class:`ToolCallStreamParser` takes it piece by piece and produces
-the same content and calls.
+:class:`ToolCallStreamParser` takes the text piece by piece; :func:`parse_tool_calls` is the same parser fed a
+finished text at once.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from mmx.chat.formats import new_tool_call_id
 from mmx.chat.schema import coerce_value, tool_properties
 
 STYLES = ("minimax_m2", "minimax_m1")
@@ -41,10 +41,6 @@ M1_OPEN, M1_CLOSE = "<tool_calls>", "</tool_calls>"
 INVOKE_CLOSE, PARAM_CLOSE = "</invoke>", "</parameter>"
 _INVOKE = re.compile(r"<invoke\s+name\s*=\s*")
 _PARAM = re.compile(r"<parameter\s+name\s*=\s*")
-
-
-def new_call_id() -> str:
-    return "call_" + uuid.uuid4().hex[:24]
 
 
 # ---------------------------------------------------------------------------------------------------- shared bits
@@ -108,84 +104,28 @@ def _m1_call(line: str, tools: dict[str, dict] | None) -> dict[str, Any] | None:
     return {"name": obj["name"], "arguments": args}
 
 
-# ---------------------------------------------------------------------------------------------------- non-streaming
-def _m2_invokes(body: str, tools: dict[str, dict] | None) -> tuple[list[dict], list[str]]:
-    """Calls in one block body, and the raw text of invokes that are not usable calls."""
-    calls, rejected = [], []
-    starts = [m.start() for m in _INVOKE.finditer(body)]
-    for i, start in enumerate(starts):
-        limit = starts[i + 1] if i + 1 < len(starts) else len(body)
-        close = body.find(INVOKE_CLOSE, start, limit)
-        end = close + len(INVOKE_CLOSE) if close != -1 else limit
-        inner_end = close if close != -1 else limit
-        head = _read_name(body[:inner_end], _INVOKE.match(body, start).end())
-        if head is None or not head[0] or (tools is not None and head[0] not in tools):
-            rejected.append(body[start:end])
-            continue
-        name, pos = head
-        props = tools.get(name) if tools is not None else None
-        args: dict[str, Any] = {}
-        inner = body[:inner_end]
-        while True:
-            match = _PARAM.search(inner, pos)
-            if not match:
-                break
-            param = _read_name(inner, match.end())
-            if param is None:
-                break
-            pname, vstart = param
-            close_p = inner.find(PARAM_CLOSE, vstart)
-            next_p = _PARAM.search(inner, vstart)
-            stops = [x for x in (close_p, next_p.start() if next_p else -1) if x != -1]
-            vend = min(stops) if stops else len(inner)
-            args[pname] = _typed(pname, inner[vstart:vend], props)
-            pos = vend + len(PARAM_CLOSE) if vend == close_p else vend
-        calls.append({"name": name, "arguments": args})
-    return calls, rejected
-
-
-def _m1_lines(body: str, tools: dict[str, dict] | None) -> tuple[list[dict], list[str]]:
-    calls, rejected = [], []
-    for line in body.split("\n"):
-        if not line.strip():
-            continue
-        call = _m1_call(line, tools)
-        if call is None:
-            rejected.append(line)
-        else:
-            calls.append(call)
-    return calls, rejected
-
-
 def parse_tool_calls(
     text: str, tools: list[dict[str, Any]] | None = None, style: str = "minimax_m2"
 ) -> tuple[str | None, list[dict[str, Any]]]:
     """(content, calls) of a finished output (its reasoning already split off); each call is
-    ``{"name": str, "arguments": dict}``."""
-    if style not in STYLES:
-        raise ValueError(f"unknown tool-call style {style!r}; use one of {STYLES}")
-    props = tool_properties(tools)
-    opener, closer = (M2_OPEN, M2_CLOSE) if style == "minimax_m2" else (M1_OPEN, M1_CLOSE)
-    parse_body = _m2_invokes if style == "minimax_m2" else _m1_lines
-    content, calls, pos = [], [], 0
-    while True:
-        start = text.find(opener, pos)
-        if start == -1:
-            content.append(text[pos:])
-            break
-        content.append(text[pos:start])
-        close = text.find(closer, start + len(opener))
-        body_end = close if close != -1 else len(text)
-        block_end = close + len(closer) if close != -1 else len(text)
-        found, rejected = parse_body(text[start + len(opener) : body_end], props)
-        if found:
-            calls.extend(found)
-            content.extend(rejected if style == "minimax_m2" else [r + "\n" for r in rejected])
+    ``{"name": str, "arguments": dict}``. The streaming parser fed the whole text at once."""
+    parser = ToolCallStreamParser(tools, style)
+    return collect_tool_events(parser.feed(text) + parser.finish())
+
+
+def collect_tool_events(events: list) -> tuple[str | None, list[dict[str, Any]]]:
+    """(content, calls) from a whole stream of :class:`ToolCallStreamParser` events."""
+    content, names, args = [], [], []
+    for ev in events:
+        if isinstance(ev, ContentDelta):
+            content.append(ev.text)
+        elif isinstance(ev, ToolCallStart):
+            names.append(ev.name)
+            args.append("")
         else:
-            content.append(text[start:block_end])
-        pos = block_end
-    joined = "".join(content).strip()
-    return (joined or None), calls
+            args[ev.index] += ev.text
+    calls = [{"name": name, "arguments": json.loads(a)} for name, a in zip(names, args)]
+    return ("".join(content) or None), calls
 
 
 # ---------------------------------------------------------------------------------------------------- streaming
@@ -291,7 +231,7 @@ class ToolCallStreamParser:
                 self._emit_content(events, raw)
             self.pending_rejected = []
         self.call_name = name
-        events.append(ToolCallStart(self.index, new_call_id(), name))
+        events.append(ToolCallStart(self.index, new_tool_call_id(), name))
 
     def _end_block(self, events: list, raw_tail: str) -> None:
         self.block_raw += raw_tail

@@ -1,100 +1,124 @@
 """``mmx chat MODEL``: an interactive conversation. Reasoning streams dimmed, apart from the answer; tool calls
-are shown as structured calls. /reset starts over, /exit (or Ctrl-D) leaves."""
+are shown as structured calls. /reset starts over, /exit (or Ctrl-D) leaves.
+
+With mmx-tiny (no MODEL given) the model's own ``calculator`` tool is offered and run locally, its calls and
+results shown, unless ``--no-calculator`` is given; tools from ``--tools`` are shown but not run.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from collections.abc import Callable
+from typing import Any
 
-from mmx.chat import ContentDelta, ReasoningStreamParser, ToolCallArgs, ToolCallStart, ToolCallStreamParser
-from mmx.cli.common import add_engine_args, add_model_arg, detect_style, engine_kwargs, resolve_model
-from mmx.engine import LLMEngine, SamplingParams
+from mmx.cli.common import add_engine_args, add_model_arg, engine_kwargs, resolve_model
 
 DIM, RESET, BOLD = "\033[2m", "\033[0m", "\033[1m"
+MAX_TOOL_ROUNDS = 4  # model turns per user message while it keeps calling tools
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("chat", help="chat with a model in the terminal")
     add_model_arg(p)
     p.add_argument("--system", default=None, help="system message")
-    p.add_argument("--tools", default=None, help="JSON file with a list of OpenAI-style tool definitions")
+    p.add_argument("--tools", default=None, help="JSON file with a list of OpenAI-style tool definitions (not run)")
+    p.add_argument(
+        "--calculator",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="offer the calculator tool and run its calls (default: on for mmx-tiny, off otherwise)",
+    )
     p.add_argument("--max-tokens", type=int, default=1024)
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-p", type=float, default=1.0)
     add_engine_args(p)
 
 
-def stream_reply(engine: LLMEngine, prompt: str, params: SamplingParams, style: str, tools, out=None) -> dict:
+def stream_reply(engine, tokenizer, chat, prompt: str, params, tools, out=None) -> dict:
     """Generate one reply, printing it as it comes; returns the assistant message (OpenAI shape)."""
+    from mmx.chat.reply import ContentDelta, ReasoningDelta, ReplyStream, ToolCallStart
+
     out = out or sys.stdout
-    engine.add_request("chat", prompt, params)
-    reasoning_parser = ReasoningStreamParser(style)
-    tool_parser = ToolCallStreamParser(tools, style)
-    reasoning, content, calls, seen = "", "", {}, 0
+    stream = ReplyStream(tokenizer, chat.format, tools=tools, stop=params.stop)
+    engine.add_request("chat", tokenizer.encode(prompt), params)
     in_reasoning = False
 
-    def show(r: str, events: list) -> None:
-        nonlocal reasoning, content, in_reasoning
-        if r:
-            if not in_reasoning:
-                out.write(DIM)
-                in_reasoning = True
-            out.write(r)
-            reasoning += r
+    def show(events: list) -> None:
+        nonlocal in_reasoning
         for ev in events:
+            if isinstance(ev, ReasoningDelta):
+                if not in_reasoning:
+                    out.write(DIM)
+                    in_reasoning = True
+                out.write(ev.text)
+                continue
             if in_reasoning:
                 out.write(RESET + "\n")
                 in_reasoning = False
             if isinstance(ev, ContentDelta):
                 out.write(ev.text)
-                content += ev.text
             elif isinstance(ev, ToolCallStart):
-                calls[ev.index] = {"id": ev.id, "name": ev.name, "arguments": ""}
-            elif isinstance(ev, ToolCallArgs):
-                calls[ev.index]["arguments"] += ev.text
+                out.write(f"\n{BOLD}tool call{RESET} {ev.name}")
         out.flush()
 
     while engine.has_unfinished_requests():
         for result in engine.step():
-            text = result.outputs[0].text
-            delta, seen = text[seen:], len(text)
-            r, c = reasoning_parser.feed(delta)
-            show(r, tool_parser.feed(c))
-    r, c = reasoning_parser.finish()
-    show(r, tool_parser.feed(c) + tool_parser.finish())
+            sample = result.outputs[0]
+            show(stream.feed(sample.new_token_ids))
+            if stream.done:
+                engine.abort_request("chat")
+            elif sample.finish_reason is not None:
+                show(stream.finish(sample.finish_reason, sample.stop_reason))
     if in_reasoning:
         out.write(RESET)
-    for call in calls.values():
-        out.write(f"\n{BOLD}tool call{RESET} {call['name']}({call['arguments']})")
+    message = stream.message()
+    for call in message.get("tool_calls", []):
+        out.write(f"({json.dumps(call['function']['arguments'], ensure_ascii=False)})")
     out.write("\n")
-    message = {"role": "assistant", "content": content, "reasoning_content": reasoning or None}
-    if calls:
-        message["tool_calls"] = [
-            {
-                "id": c["id"],
-                "type": "function",
-                "function": {"name": c["name"], "arguments": json.loads(c["arguments"])},
-            }
-            for c in calls.values()
-        ]
     return message
 
 
+def run_tools(message: dict, functions: dict[str, Callable[[dict], str]], out=None) -> list[dict[str, Any]]:
+    """Run the reply's calls of the tools we can run; their results, as tool messages, shown as they come."""
+    out = out or sys.stdout
+    results = []
+    for call in message.get("tool_calls", []):
+        fn = functions.get(call["function"]["name"])
+        if fn is None:
+            continue
+        result = fn(call["function"]["arguments"])
+        out.write(f"{BOLD}tool result{RESET} {result}\n")
+        results.append({"role": "tool", "tool_call_id": call["id"], "content": result})
+    return results
+
+
 def run(args: argparse.Namespace) -> int:
-    engine = LLMEngine.from_pretrained(resolve_model(args.model), **engine_kwargs(args))
-    if engine.tokenizer is None or engine.tokenizer.chat_template is None:
-        print("mmx chat: this checkpoint has no tokenizer with a chat template", file=sys.stderr)
+    from mmx.chat.formats import chat_for
+    from mmx.engine import SamplingParams
+    from mmx.llm import load_engine
+
+    engine, tokenizer = load_engine(resolve_model(args.model), **engine_kwargs(args))
+    if tokenizer is None:
+        print("mmx chat: this checkpoint has no tokenizer", file=sys.stderr)
         return 1
-    tools = None
+    chat = chat_for(tokenizer, engine.config.architecture)
+    tools, functions = None, {}
     if args.tools:
         with open(args.tools, encoding="utf-8") as f:
             tools = json.load(f)
-    style = detect_style(engine.tokenizer, engine.config)
+    if args.calculator if args.calculator is not None else args.model is None:
+        from mmx.tasks.arithmetic import CALCULATOR_TOOL
+        from mmx.tasks.solve import TOOLS
+
+        tools = [*(tools or []), CALCULATOR_TOOL]
+        functions = TOOLS
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens)
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(system)
-    print(f"{DIM}chatting with {args.model or 'mmx-tiny'} ({style} format); /reset, /exit{RESET}")
+    offered = f"; tools: {', '.join(t['function']['name'] for t in tools)}" if tools else ""
+    print(f"{DIM}chatting with {args.model or 'mmx-tiny'} ({chat.format.name} format{offered}); /reset, /exit{RESET}")
     while True:
         try:
             user = input(f"{BOLD}you>{RESET} ")
@@ -109,5 +133,11 @@ def run(args: argparse.Namespace) -> int:
         if not user.strip():
             continue
         messages.append({"role": "user", "content": user})
-        prompt = engine.tokenizer.apply_chat_template(messages, tools=tools, add_generation_prompt=True)
-        messages.append(stream_reply(engine, prompt, params, style, tools))
+        for _ in range(MAX_TOOL_ROUNDS):
+            prompt = tokenizer.apply_chat_template(messages, tools=tools, chat_template=chat.template)
+            reply = stream_reply(engine, tokenizer, chat, prompt, params, tools)
+            messages.append(reply)
+            results = run_tools(reply, functions)
+            if not results:
+                break
+            messages += results

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import os
 from dataclasses import fields
 
-from mmx.engine.llm_engine import EngineArgs
+# resolve_model lives in mmx.embedded, where the RL trainer (which must not import the CLI) gets it too; the
+# subcommands import it from here.
+from mmx.embedded import resolve_model as resolve_model
+from mmx.engine.args import EngineArgs
 
 
 def add_model_arg(p: argparse.ArgumentParser) -> None:
@@ -33,25 +35,3 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
 
 def engine_kwargs(ns: argparse.Namespace) -> dict:
     return {f.name: getattr(ns, f.name) for f in fields(EngineArgs)}
-
-
-def resolve_model(name: str | None) -> str:
-    """The model to run: the argument, else the embedded mmx-tiny model shipped with the package."""
-    if name:
-        return name
-    from mmx.embedded import embedded_model_path
-
-    path = embedded_model_path()
-    if path is None or not os.path.isdir(path):
-        raise FileNotFoundError("no MODEL given and the embedded mmx-tiny model is not installed")
-    return path
-
-
-def detect_style(tokenizer, config) -> str:
-    """The output format to parse: from the chat template's tool syntax, else from the architecture."""
-    template = getattr(tokenizer, "chat_template", None) or ""
-    if "<minimax:tool_call>" in template:
-        return "minimax_m2"
-    if "<tool_calls>" in template:
-        return "minimax_m1"
-    return "minimax_m2" if config.architecture == "minimax_m2" else "minimax_m1"

@@ -1,9 +1,9 @@
 """``mmx demo``: mmx-tiny solves arithmetic word problems through the whole stack.
 
-The embedded model (or MODEL) is loaded into the engine; each problem is rendered with the M2 chat template,
-generated, split into reasoning and content, its ``<minimax:tool_call>`` parsed, the calculator run, the result fed
-back, and the final answer generated. Then the same problems are solved without the tool, the model doing the
-arithmetic in its reasoning. Every answer comes from the model; the demo only checks it against the ground truth.
+The embedded model (or MODEL) is loaded into the engine; each problem is rendered with the model's chat template,
+generated, split into reasoning and content, its tool call parsed, the calculator run, the result fed back, and the
+final answer generated. Then the same problems are solved without the tool, the model doing the arithmetic in its
+reasoning. Every answer comes from the model; the demo only checks it against the ground truth.
 """
 
 from __future__ import annotations
@@ -11,10 +11,13 @@ from __future__ import annotations
 import argparse
 import textwrap
 import time
+from typing import TYPE_CHECKING
 
 from mmx.cli.common import resolve_model
 from mmx.tasks.arithmetic import make_problems
-from mmx.tasks.episodes import Episode, describe_call
+
+if TYPE_CHECKING:
+    from mmx.tasks.episodes import Episode
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -30,7 +33,14 @@ def _indent(label: str, text: str) -> str:
     return f"    {label:<10}{body}"
 
 
+def _right(episode: Episode) -> bool:
+    """The demo's verdict: the number and the counted item both right."""
+    return episode.metadata["correct"] and episode.metadata["item_right"]
+
+
 def show(episode: Episode) -> None:
+    from mmx.tasks.episodes import describe_call
+
     for turn in episode.turns:
         if turn.reasoning:
             print(_indent("thinking", turn.reasoning))
@@ -38,13 +48,16 @@ def show(episode: Episode) -> None:
             print(_indent("tool call", f"{describe_call(call)} -> {result}"))
         if not turn.calls:
             print(_indent("answer", turn.content or "(none)"))
-    expected = episode.metadata["problem"].answer
-    verdict = "correct" if episode.metadata["correct"] else f"wrong, expected {expected}"
+    problem, graded = episode.metadata["problem"], episode.metadata
+    wrong = [] if graded["correct"] else [f"the number (expected {problem.answer})"]
+    wrong += [] if graded["item_right"] else [f"the item (expected {problem.item})"]
+    verdict = "correct" if not wrong else "wrong: " + ", ".join(wrong)
     print(f"    {'':<10}[{verdict}]")
 
 
 def run(args: argparse.Namespace) -> int:
-    from mmx.engine import LLM, SamplingParams
+    from mmx.engine import SamplingParams
+    from mmx.llm import LLM
     from mmx.tasks.solve import solve_problems
 
     path = resolve_model(args.model)
@@ -72,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
         print()
     tokens = sum(stats["generated_tokens"] for _, stats in results.values())
     seconds = sum(stats["seconds"] for _, stats in results.values())
-    solved = {k: sum(e.metadata["correct"] for e in eps) for k, (eps, _) in results.items()}
+    solved = {use: sum(_right(e) for e in eps) for use, (eps, _) in results.items()}
     print(
         f"solved {solved[True]}/{len(problems)} with the tool and {solved[False]}/{len(problems)} without; "
         f"{tokens} tokens generated in {seconds:.2f} s ({tokens / max(seconds, 1e-9):.0f} tokens/s, "

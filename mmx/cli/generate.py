@@ -6,8 +6,7 @@ import argparse
 import json
 import sys
 
-from mmx.cli.common import add_engine_args, add_model_arg, detect_style, engine_kwargs, resolve_model
-from mmx.engine import LLM, SamplingParams
+from mmx.cli.common import add_engine_args, add_model_arg, engine_kwargs, resolve_model
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -29,6 +28,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from mmx.engine import SamplingParams
+    from mmx.llm import LLM
+
     llm = LLM(resolve_model(args.model), **engine_kwargs(args))
     params = SamplingParams(
         n=args.n,
@@ -44,7 +46,6 @@ def run(args: argparse.Namespace) -> int:
         outputs = llm.chat(conversations, params, use_tqdm=False)
     else:
         outputs = llm.generate(args.prompt, params, use_tqdm=False)
-    style = detect_style(llm.tokenizer, llm.engine.config) if args.chat else None
     for prompt, out in zip(args.prompt, outputs):
         for sample in out.outputs:
             record = {
@@ -53,12 +54,10 @@ def run(args: argparse.Namespace) -> int:
                 "finish_reason": sample.finish_reason,
                 "tokens": len(sample.token_ids),
             }
-            if style:
-                from mmx.chat import parse_tool_calls, split_reasoning
-
-                reasoning, content = split_reasoning(sample.text, style)
-                content, calls = parse_tool_calls(content, style=style)
-                record.update(reasoning=reasoning, content=content, tool_calls=calls)
+            if sample.message is not None:
+                reply = sample.message
+                calls = [c["function"] for c in reply.get("tool_calls", [])]
+                record.update(reasoning=reply["reasoning_content"], content=reply["content"], tool_calls=calls)
             if args.json:
                 print(json.dumps(record, ensure_ascii=False))
             else:

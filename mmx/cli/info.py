@@ -5,11 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-import torch
-
 from mmx.config import MiniMaxConfig
-from mmx.model.modeling import MiniMaxForCausalLM
-from mmx.model.params import format_count
 from mmx.presets import PRESETS
 
 
@@ -19,6 +15,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def describe(config: MiniMaxConfig) -> str:
+    import torch
+
+    from mmx.model.modeling import MiniMaxForCausalLM
+    from mmx.model.params import format_count
+
     with torch.device("meta"):
         counts = MiniMaxForCausalLM(config).parameter_counts()
     return (

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from mmx.cli.common import add_engine_args, add_model_arg, detect_style, engine_kwargs, resolve_model
+from mmx.cli.common import add_engine_args, add_model_arg, engine_kwargs, resolve_model
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -18,55 +18,43 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--chat-template",
         default=None,
-        help="a .jinja file, or minimax_m1 / minimax_m2 (default: the checkpoint's template)",
+        help="a .jinja file or a built-in format's name (m1, m2) (default: the checkpoint's own template)",
     )
     p.add_argument(
         "--reasoning-mode",
         choices=["split", "append_think"],
         default="split",
-        help="split: reasoning in reasoning_content; append_think: <think>...</think> kept in content",
+        help="split: reasoning in reasoning_content; append_think: reasoning kept inline in the content",
     )
     p.add_argument("--max-body-mb", type=float, default=8.0, help="largest request body accepted")
     p.add_argument("--log-level", default="info")
     add_engine_args(p)
 
 
-def resolve_template(option: str | None, tokenizer, config) -> str:
-    from mmx.chat.template import builtin_template
-
-    if option and os.path.exists(option):
-        with open(option, encoding="utf-8") as f:
-            return f.read()
-    if option:
-        return builtin_template(option)
-    if tokenizer.chat_template:
-        return tokenizer.chat_template
-    return builtin_template("minimax_m2" if config.architecture == "minimax_m2" else "minimax_m1")
-
-
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from mmx.engine import AsyncLLM, LLMEngine
+    from mmx.chat.formats import chat_for
+    from mmx.engine import AsyncLLM
+    from mmx.llm import load_engine
     from mmx.serve import ServerState, build_app
 
     path = resolve_model(args.model)
-    engine = LLMEngine.from_pretrained(path, **engine_kwargs(args))
-    if engine.tokenizer is None:
+    engine, tokenizer = load_engine(path, **engine_kwargs(args))
+    if tokenizer is None:
         raise FileNotFoundError(f"{path} has no tokenizer.json; the server needs one")
-    template = resolve_template(args.chat_template, engine.tokenizer, engine.config)
-    engine.tokenizer.chat_template = template
+    chat = chat_for(tokenizer, engine.config.architecture, args.chat_template)
     state = ServerState(
         engine=AsyncLLM(engine),
+        tokenizer=tokenizer,
+        chat=chat,
         model_name=args.served_model_name or os.path.basename(os.path.normpath(path)),
         model_path=path,
         max_model_len=engine.max_model_len,
-        vocab_size=engine.config.vocab_size,
-        template=template,
-        style=detect_style(engine.tokenizer, engine.config),
         reasoning_mode=args.reasoning_mode,
     )
     app = build_app(state, api_key=args.api_key, max_body_bytes=int(args.max_body_mb * (1 << 20)))
-    print(f"mmx: serving {state.model_name!r} on http://{args.host}:{args.port}/v1 ({state.style} format)", flush=True)
+    url = f"http://{args.host}:{args.port}/v1"
+    print(f"mmx: serving {state.model_name!r} on {url} ({chat.format.name} format)", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0

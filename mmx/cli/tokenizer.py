@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 
+from mmx.chat.formats import FORMATS
+
+FORMAT_NAMES = [name.removeprefix("minimax_") for name in FORMATS]  # m1, m2
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("tokenizer", help="tokenizer tools")
@@ -17,8 +21,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     t.add_argument("files", nargs="+", help=".txt or .jsonl files")
     t.add_argument("--out", required=True, help="output directory")
     t.add_argument("--vocab-size", type=int, default=32000)
-    t.add_argument("--style", choices=["m1", "m2"], default="m2", help="special tokens and chat template family")
-    t.add_argument("--chat-template", default=None, help="minimax_m1, minimax_m2 or a .jinja file (default: style's)")
+    t.add_argument(
+        "--style", choices=FORMAT_NAMES, default=FORMAT_NAMES[-1], help="special tokens and chat template family"
+    )
+    t.add_argument("--chat-template", default=None, help="a .jinja file (default: the style's built-in template)")
     t.add_argument("--split-digits", action="store_true", help="one token per digit")
     t.add_argument("--min-frequency", type=int, default=2)
 
@@ -38,21 +44,16 @@ def _texts(files: list[str], template: str):
 
 
 def run(args: argparse.Namespace) -> int:
-    from mmx.chat.template import builtin_template
-    from mmx.chat.tokenizer import M1_SPECIAL_TOKENS, M2_SPECIAL_TOKENS, train_bpe_tokenizer
+    from mmx.chat.formats import get_format, resolve_template
+    from mmx.chat.tokenizer import train_bpe_tokenizer
 
-    name = args.chat_template or ("minimax_m2" if args.style == "m2" else "minimax_m1")
-    if name.endswith(".jinja"):
-        with open(name, encoding="utf-8") as f:
-            template = f.read()
-    else:
-        template = builtin_template(name)
-    specials, eos = (M2_SPECIAL_TOKENS, "[e~[") if args.style == "m2" else (M1_SPECIAL_TOKENS, "<end_of_sentence>")
+    chat_format = get_format(args.style)
+    template = resolve_template(args.chat_template or chat_format.name, None, chat_format.architecture)
     tokenizer = train_bpe_tokenizer(
         _texts(args.files, template),
         args.vocab_size,
-        specials,
-        eos_token=eos,
+        list(chat_format.special_tokens),
+        eos_token=chat_format.eos_token,
         chat_template=template,
         min_frequency=args.min_frequency,
         split_digits=args.split_digits,

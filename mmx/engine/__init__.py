@@ -1,9 +1,36 @@
-"""Inference engine: continuous batching over a hybrid cache (paged KV blocks + lightning-state slots)."""
+"""Inference engine: continuous batching over a hybrid cache (paged KV blocks + lightning-state slots), in token
+ids. Text (tokenising prompts, detokenising replies, stop strings) is :class:`mmx.LLM`'s and the server's."""
 
-from mmx.engine.async_engine import AsyncLLM
-from mmx.engine.llm import LLM
-from mmx.engine.llm_engine import EngineArgs, LLMEngine
-from mmx.engine.outputs import CompletionOutput, RequestOutput
-from mmx.engine.sampling_params import SamplingParams
+from __future__ import annotations
 
-__all__ = ["LLM", "AsyncLLM", "CompletionOutput", "EngineArgs", "LLMEngine", "RequestOutput", "SamplingParams"]
+from typing import TYPE_CHECKING
+
+from mmx.utils.lazy import lazy_exports
+
+_EXPORTS = {
+    "AsyncLLM": "mmx.engine.async_engine",
+    "CompletionOutput": "mmx.engine.outputs",
+    "EngineArgs": "mmx.engine.args",
+    "InvalidRequest": "mmx.engine.llm_engine",
+    "LLMEngine": "mmx.engine.llm_engine",
+    "RequestOutput": "mmx.engine.outputs",
+    "SamplingParams": "mmx.engine.sampling_params",
+}
+__all__ = [
+    "AsyncLLM",
+    "CompletionOutput",
+    "EngineArgs",
+    "InvalidRequest",
+    "LLMEngine",
+    "RequestOutput",
+    "SamplingParams",
+]
+
+if TYPE_CHECKING:
+    from mmx.engine.args import EngineArgs
+    from mmx.engine.async_engine import AsyncLLM
+    from mmx.engine.llm_engine import InvalidRequest, LLMEngine
+    from mmx.engine.outputs import CompletionOutput, RequestOutput
+    from mmx.engine.sampling_params import SamplingParams
+
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -1,5 +1,6 @@
-"""Streaming for servers: the engine steps in a background thread, each request reads its outputs from an asyncio
-queue. Requests enter and leave (abort, client gone) between steps, so the batch changes continuously.
+"""Streaming for servers: the engine steps in a background thread, each request reads its outputs (new token ids
+per step) from an asyncio queue. Requests enter and leave (abort, client gone, a stop string found by the output
+side) between steps, so the batch changes continuously.
 """
 
 from __future__ import annotations
@@ -9,9 +10,8 @@ import contextlib
 import itertools
 import queue
 import threading
-import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from mmx.engine.llm_engine import LLMEngine
 from mmx.engine.outputs import RequestOutput
@@ -23,7 +23,6 @@ logger = get_logger(__name__)
 
 @dataclass
 class EngineStats:
-    requests_total: int = 0
     requests_failed: int = 0
     requests_aborted: int = 0
     prompt_tokens_total: int = 0
@@ -31,7 +30,6 @@ class EngineStats:
     steps_total: int = 0
     running: int = 0
     waiting: int = 0
-    latencies: list[float] = field(default_factory=list)  # seconds per finished request (most recent 1000)
 
 
 class AsyncLLM:
@@ -39,7 +37,7 @@ class AsyncLLM:
         self.engine = engine
         self.stats = EngineStats()
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
-        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue, float]] = {}
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._wake = threading.Event()
         self._stop = False
         self._ids = itertools.count()
@@ -47,22 +45,26 @@ class AsyncLLM:
         self._thread.start()
 
     @property
-    def tokenizer(self):
-        return self.engine.tokenizer
-
-    @property
     def alive(self) -> bool:
         return self._thread.is_alive()
 
-    async def generate(
-        self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None
+    def generate(
+        self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None
     ) -> AsyncIterator[RequestOutput]:
-        """Yield the request's output after every step that changes it; the last one has ``finished``.
+        """The request's outputs, one after every step that changes it; the last one has ``finished``. A request
+        the engine refuses raises :class:`~mmx.engine.llm_engine.InvalidRequest` here, before anything streams.
         Leaving the loop early (client disconnect, cancellation) aborts the request and frees its cache."""
-        request_id = request_id or f"req-{next(self._ids)}"
+        try:
+            prompt_ids = self.engine.validate_request(prompt_ids, params)
+        except Exception:
+            self.stats.requests_failed += 1
+            raise
+        return self._outputs(prompt_ids, params, request_id or f"req-{next(self._ids)}")
+
+    async def _outputs(self, prompt_ids: list[int], params: SamplingParams, request_id: str):
         stream: asyncio.Queue = asyncio.Queue()
-        self._streams[request_id] = (asyncio.get_running_loop(), stream, time.perf_counter())
-        self._commands.put(("add", request_id, prompt, params))
+        self._streams[request_id] = (asyncio.get_running_loop(), stream)
+        self._commands.put(("add", request_id, prompt_ids, params))
         self._wake.set()
         finished = False
         try:
@@ -78,8 +80,13 @@ class AsyncLLM:
             if not finished:
                 self.abort(request_id)
 
+    def finish_sequence(self, request_id: str, index: int, stop_reason: str | int | None = None) -> None:
+        """End one sample (a stop string was found in its text); its request goes on while others run."""
+        self._commands.put(("finish", request_id, index, stop_reason))
+        self._wake.set()
+
     def abort(self, request_id: str) -> None:
-        self._commands.put(("abort", request_id, None, None))
+        self._commands.put(("abort", request_id))
         self._wake.set()
 
     def shutdown(self) -> None:
@@ -92,7 +99,7 @@ class AsyncLLM:
         entry = self._streams.get(request_id)
         if entry is None:
             return
-        loop, stream, _ = entry
+        loop, stream = entry
         if isinstance(item, BaseException) or item.finished:
             self._streams.pop(request_id, None)
         with contextlib.suppress(RuntimeError):  # a closed event loop: nobody is listening any more
@@ -101,17 +108,21 @@ class AsyncLLM:
     def _handle_commands(self) -> None:
         while True:
             try:
-                kind, request_id, prompt, params = self._commands.get_nowait()
+                kind, request_id, *rest = self._commands.get_nowait()
             except queue.Empty:
                 return
             if kind == "add":
+                prompt_ids, params = rest
                 try:
-                    self.engine.add_request(request_id, prompt, params)
-                    self.stats.requests_total += 1
-                    self.stats.prompt_tokens_total += len(self.engine.requests[request_id].prompt_ids)
+                    self.engine.add_request(request_id, prompt_ids, params)
+                    self.stats.prompt_tokens_total += len(prompt_ids)
                 except Exception as e:  # a bad request fails alone
                     self.stats.requests_failed += 1
                     self._deliver(request_id, e)
+            elif kind == "finish":
+                final = self.engine.finish_sequence(request_id, *rest)
+                if final is not None:
+                    self._deliver(request_id, final)
             elif self.engine.abort_request(request_id) is not None:
                 self.stats.requests_aborted += 1
                 self._streams.pop(request_id, None)
@@ -138,9 +149,5 @@ class AsyncLLM:
             self.stats.running = len(self.engine.scheduler.running)
             self.stats.waiting = len(self.engine.scheduler.waiting)
             for out in outputs:
-                self.stats.generation_tokens_total += sum(1 for _ in out.outputs)
-                if out.finished:
-                    entry = self._streams.get(out.request_id)
-                    if entry is not None:
-                        self.stats.latencies = [*self.stats.latencies[-999:], time.perf_counter() - entry[2]]
+                self.stats.generation_tokens_total += sum(len(sample.new_token_ids) for sample in out.outputs)
                 self._deliver(out.request_id, out)

@@ -1,18 +1,22 @@
 """The engine loop: requests in, one scheduled forward per step, outputs out.
 
-The engine core deals in token ids (scheduler, cache, runner, sampler). Text enters only at the edges: prompts are
-tokenised on the way in, and each sample is detokenised incrementally on the way out, where stop strings are found.
+The engine deals in token ids only (scheduler, cache, runner, sampler): a request is prompt ids and sampling
+parameters, and every step reports each sequence's new token ids and log-probabilities. Text lives outside it
+(``mmx.chat.reply.ReplyStream``): the output side detokenises, finds stop strings and, on a hit, ends the
+sequence with :meth:`LLMEngine.finish_sequence`.
 """
 
 from __future__ import annotations
 
 import math
+import operator
 import os
-from dataclasses import dataclass, fields
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 
+from mmx.engine.args import EngineArgs
 from mmx.engine.cache import CacheLayout, HybridCache
 from mmx.engine.outputs import CompletionOutput, RequestOutput
 from mmx.engine.paged_batch import PagedBatch
@@ -30,29 +34,6 @@ class InvalidRequest(ValueError):
     """A request the engine refuses (empty or too long a prompt, bad ids, duplicate id): the caller's fault."""
 
 
-@dataclass
-class EngineArgs:
-    """Engine settings (the names follow vLLM's)."""
-
-    dtype: str | None = None  # model dtype when loading from a path; None: the checkpoint's
-    device: str = "cpu"
-    max_model_len: int | None = None  # None: the model's context, capped at 32768
-    max_num_seqs: int = 64  # sequences decoded together (each holds one lightning-state slot)
-    max_num_batched_tokens: int = 2048  # tokens per forward, prefill chunks included
-    block_size: int = 16  # tokens per KV block
-    cache_memory_gb: float | None = None  # KV blocks + state slots; None: 20% of RAM (at most 8 GB)
-    enable_chunked_prefill: bool = True
-    seed: int = 0
-
-    @classmethod
-    def split(cls, kwargs: dict[str, Any]) -> tuple[EngineArgs, dict[str, Any]]:
-        """(engine args, the rest) from a flat keyword dict; a misspelt engine argument is an error."""
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in kwargs.items() if k in names}), {
-            k: v for k, v in kwargs.items() if k not in names
-        }
-
-
 def _default_cache_bytes(device: torch.device) -> int:
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
@@ -65,43 +46,48 @@ def _default_cache_bytes(device: torch.device) -> int:
 
 
 class _Request:
-    def __init__(self, request_id: str, prompt: str | None, prompt_ids: list[int], params: SamplingParams, engine):
+    def __init__(self, request_id: str, prompt_ids: list[int], params: SamplingParams):
         self.request_id = request_id
-        self.prompt = prompt
         self.prompt_ids = prompt_ids
         self.params = params
-        self.seqs = [Sequence(request_id, i, prompt_ids, params, engine.step_count) for i in range(params.n)]
-        self.texts = [""] * params.n
+        self.seqs = [Sequence(request_id, i, prompt_ids, params) for i in range(params.n)]
         self.stop_reasons: list[str | int | None] = [None] * params.n
-        self.detokenizers = None
-        if engine.tokenizer is not None:
-            from mmx.chat.tokenizer import IncrementalDetokenizer
-
-            self.detokenizers = [
-                IncrementalDetokenizer(engine.tokenizer, params.skip_special_tokens) for _ in self.seqs
-            ]
+        self.sent = [0] * params.n  # tokens of each sequence already reported
 
     @property
     def finished(self) -> bool:
         return all(seq.is_finished for seq in self.seqs)
 
     def output(self) -> RequestOutput:
-        outs = [
-            CompletionOutput(
-                index=seq.index,
-                text=self.texts[seq.index],
-                token_ids=list(seq.output_token_ids),
-                finish_reason=seq.finish_reason,
-                stop_reason=self.stop_reasons[seq.index],
-                logprobs=list(seq.logprobs) if self.params.logprobs is not None else None,
+        """The request so far; each sample carries the tokens (and log-probs) not reported before."""
+        want_logprobs = self.params.logprobs is not None
+        outs = []
+        for seq in self.seqs:
+            sent, self.sent[seq.index] = self.sent[seq.index], len(seq.output_token_ids)
+            outs.append(
+                CompletionOutput(
+                    index=seq.index,
+                    text="",
+                    token_ids=list(seq.output_token_ids),
+                    finish_reason=seq.finish_reason,
+                    stop_reason=self.stop_reasons[seq.index],
+                    logprobs=list(seq.logprobs) if want_logprobs else None,
+                    new_token_ids=seq.output_token_ids[sent:],
+                    new_logprobs=seq.logprobs[sent:] if want_logprobs else None,
+                )
             )
-            for seq in self.seqs
-        ]
-        return RequestOutput(self.request_id, self.prompt, self.prompt_ids, outs, self.finished)
+        return RequestOutput(self.request_id, None, self.prompt_ids, outs, self.finished)
 
 
 class LLMEngine:
-    def __init__(self, model: MiniMaxForCausalLM, tokenizer=None, args: EngineArgs | None = None, **kwargs: Any):
+    def __init__(
+        self,
+        model: MiniMaxForCausalLM,
+        args: EngineArgs | None = None,
+        eos_token_ids: Iterable[int] = (),
+        **kwargs: Any,
+    ):
+        """``eos_token_ids`` add to the model config's (a tokenizer's EOS, when it differs)."""
         if args is None:
             args, rest = EngineArgs.split(kwargs)
             if rest:
@@ -109,7 +95,6 @@ class LLMEngine:
         self.args = args
         self.model = model.eval()
         self.config = model.config
-        self.tokenizer = tokenizer
         self.device = model.device
         self.max_model_len = args.max_model_len or min(self.config.max_position_embeddings, 32768)
         budget = int(args.cache_memory_gb * (1 << 30)) if args.cache_memory_gb else _default_cache_bytes(self.device)
@@ -120,13 +105,9 @@ class LLMEngine:
         self.scheduler = Scheduler(
             self.cache, args.max_num_seqs, args.max_num_batched_tokens, args.enable_chunked_prefill
         )
-        eos = list(self.config.eos_token_ids)
-        if tokenizer is not None and tokenizer.eos_token_id is not None:
-            eos.append(tokenizer.eos_token_id)
-        self.eos_token_ids = sorted(set(eos))
+        self.eos_token_ids = sorted({*self.config.eos_token_ids, *eos_token_ids})
         self.sampler = Sampler(self.eos_token_ids, seed=args.seed)
         self.requests: dict[str, _Request] = {}
-        self.step_count = 0
         logger.info(
             "engine: %d KV blocks of %d tokens, %d state slots, max_model_len %d",
             layout.num_blocks,
@@ -136,45 +117,65 @@ class LLMEngine:
         )
 
     @classmethod
-    def from_pretrained(cls, path: str, **kwargs: Any) -> LLMEngine:
-        from mmx.chat.tokenizer import Tokenizer
+    def from_pretrained(cls, path: str, eos_token_ids: Iterable[int] = (), **kwargs: Any) -> LLMEngine:
         from mmx.model.weights import load_model, resolve_model_path
 
         args, rest = EngineArgs.split(kwargs)
         if rest:
             raise TypeError(f"unknown engine argument(s): {', '.join(sorted(rest))}")
-        directory = resolve_model_path(path)
-        model = load_model(directory, dtype=args.dtype, device=args.device)
-        tokenizer = (
-            Tokenizer.from_pretrained(directory) if os.path.exists(os.path.join(directory, "tokenizer.json")) else None
-        )
-        return cls(model, tokenizer, args)
+        model = load_model(resolve_model_path(path), dtype=args.dtype, device=args.device)
+        return cls(model, args, eos_token_ids)
 
     # ------------------------------------------------------------------ requests
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None) -> None:
+    def validate_request(self, prompt_ids: list[int], params: SamplingParams) -> list[int]:
+        """The prompt as a list of ints, or :class:`InvalidRequest` for a request the engine cannot run: the one
+        place requests are checked."""
+        try:
+            if isinstance(prompt_ids, str):
+                raise TypeError
+            prompt_ids = [operator.index(t) for t in prompt_ids]
+        except TypeError:
+            raise InvalidRequest(
+                "the engine takes token ids: a text prompt needs a tokenizer (mmx.LLM and the server have one)"
+            ) from None
+        if not prompt_ids:
+            raise InvalidRequest("the prompt is empty")
+        if min(prompt_ids) < 0 or max(prompt_ids) >= self.config.vocab_size:
+            raise InvalidRequest(f"prompt token ids must lie in [0, {self.config.vocab_size})")
+        if len(prompt_ids) >= self.max_model_len:
+            raise InvalidRequest(
+                f"the prompt has {len(prompt_ids)} tokens; the context (max_model_len) is {self.max_model_len} "
+                "tokens, leaving no room to generate"
+            )
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequest(f"sampling params must be SamplingParams, got {type(params).__name__}")
+        return prompt_ids
+
+    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams | None = None) -> None:
         params = params or SamplingParams()
         if request_id in self.requests:
             raise InvalidRequest(f"request id {request_id!r} is already in use")
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise InvalidRequest(
-                    "a text prompt needs a tokenizer; pass token ids or load a checkpoint with tokenizer.json"
-                )
-            text, ids = prompt, self.tokenizer.encode(prompt)
-        else:
-            text, ids = None, [int(t) for t in prompt]
-        if not ids:
-            raise InvalidRequest("the prompt is empty")
-        if min(ids) < 0 or max(ids) >= self.config.vocab_size:
-            raise InvalidRequest(f"prompt token ids must lie in [0, {self.config.vocab_size})")
-        if len(ids) >= self.max_model_len:
-            raise InvalidRequest(
-                f"the prompt has {len(ids)} tokens; max_model_len is {self.max_model_len}, leaving no room to generate"
-            )
-        request = _Request(request_id, text, ids, params, self)
+        request = _Request(request_id, self.validate_request(prompt_ids, params), params)
         self.requests[request_id] = request
         for seq in request.seqs:
             self.scheduler.add(seq)
+
+    def finish_sequence(
+        self, request_id: str, index: int, stop_reason: str | int | None = None
+    ) -> RequestOutput | None:
+        """End one sample now with reason "stop" (the output side found a stop string); frees its cache. Returns
+        the request's final output when this was its last running sample, else None."""
+        request = self.requests.get(request_id)
+        if request is None:
+            return None
+        seq = request.seqs[index]
+        if not seq.is_finished:
+            request.stop_reasons[index] = stop_reason
+            self.scheduler.finish(seq, "stop")
+        if not request.finished:
+            return None
+        del self.requests[request_id]
+        return request.output()
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """Stop a request now and free its cache; returns its final output (None if unknown)."""
@@ -209,7 +210,6 @@ class LLMEngine:
         plan = self.scheduler.schedule()
         if plan.empty:
             return []
-        self.step_count += 1
         picked = self._forward(plan)
         for seq in plan.decode:
             seq.num_computed_tokens += 1
@@ -246,32 +246,6 @@ class LLMEngine:
             reason = "length"
         elif p.stop_after_confident_tokens is not None and seq.confident_run >= p.stop_after_confident_tokens:
             reason = "repetition"
-        if request.detokenizers is not None:
-            detok = request.detokenizers[seq.index]
-            delta = detok.add([token])
-            if reason is not None:
-                delta += detok.flush()
-            text = request.texts[seq.index] + delta
-            hit = self._find_stop(text, len(delta), p) if p.stop else None
-            if hit is not None:
-                cut, stop = hit
-                text, reason, stop_reason = text[:cut], "stop", stop
-            request.texts[seq.index] = text
         if reason is not None:
             request.stop_reasons[seq.index] = stop_reason
             self.scheduler.finish(seq, reason)
-
-    @staticmethod
-    def _find_stop(text: str, new_chars: int, params: SamplingParams) -> tuple[int, str] | None:
-        """(where the text ends, the stop string) if a stop string appears in the newly added text."""
-        longest = max(len(s) for s in params.stop)
-        window_start = max(0, len(text) - new_chars - longest + 1)
-        best = None
-        for stop in params.stop:
-            i = text.find(stop, window_start)
-            if i != -1 and (best is None or i < best[0]):
-                best = (i, stop)
-        if best is None:
-            return None
-        i, stop = best
-        return (i + len(stop) if params.include_stop_str_in_output else i), stop

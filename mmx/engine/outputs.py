@@ -9,14 +9,18 @@ from mmx.engine.sequence import TokenLogprob
 
 @dataclass
 class CompletionOutput:
-    """One of a request's n samples, so far (``finish_reason`` is None until it ends)."""
+    """One of a request's n samples, so far (``finish_reason`` is None until it ends). The engine fills the token
+    fields; ``text`` (and ``message`` for chat) come from the output side, :class:`mmx.LLM`."""
 
     index: int
     text: str
     token_ids: list[int]
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    finish_reason: str | None = None  # "stop" | "length" | "repetition" | "abort"
     stop_reason: str | int | None = None  # the stop string or stop token that ended it
     logprobs: list[TokenLogprob] | None = None
+    new_token_ids: list[int] = field(default_factory=list)  # generated since the previous output
+    new_logprobs: list[TokenLogprob] | None = None
+    message: dict | None = None  # a chat reply parsed: reasoning_content, content, tool_calls
 
 
 @dataclass

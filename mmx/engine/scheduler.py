@@ -20,7 +20,6 @@ from mmx.engine.sequence import Sequence, Status
 class StepPlan:
     decode: list[Sequence] = field(default_factory=list)  # one token each
     prefill: list[tuple[Sequence, int]] = field(default_factory=list)  # (sequence, tokens fed)
-    preempted: list[Sequence] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:
@@ -52,10 +51,6 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
-    @property
-    def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
-
     def _tokens_for(self, seq: Sequence, budget: int) -> int:
         """How many pending tokens ``seq`` feeds with ``budget`` left (0: it must wait for a later step)."""
         if seq.num_pending <= budget:
@@ -74,7 +69,7 @@ class Scheduler:
                 continue
             while not self.cache.can_admit(seq, seq.num_computed_tokens + n):
                 victim = next((s for s in reversed(self.running) if s.seq_id not in scheduled), None)
-                self._preempt(victim, plan)
+                self._preempt(victim)
                 if victim is seq:
                     break
             if seq.status != Status.RUNNING:
@@ -105,12 +100,11 @@ class Scheduler:
             )
         return plan
 
-    def _preempt(self, seq: Sequence, plan: StepPlan) -> None:
+    def _preempt(self, seq: Sequence) -> None:
         self.cache.release(seq)
         self.running.remove(seq)
         seq.reset_cache()
         self.waiting.appendleft(seq)
-        plan.preempted.append(seq)
         self.num_preemptions += 1
 
     def finish(self, seq: Sequence, reason: str) -> None:

@@ -30,14 +30,13 @@ class Sequence:
     """Tokens are ``prompt_token_ids + output_token_ids``; the first ``num_computed_tokens`` of them are in the
     cache (KV blocks for softmax layers, a state slot for lightning layers). The next forward feeds the rest."""
 
-    def __init__(self, request_id: str, index: int, prompt_token_ids: list[int], params: SamplingParams, step: int):
+    def __init__(self, request_id: str, index: int, prompt_token_ids: list[int], params: SamplingParams):
         self.seq_id = next(_ids)
         self.request_id = request_id
         self.index = index  # position among the request's n samples
         self.prompt_token_ids = list(prompt_token_ids)
         self.output_token_ids: list[int] = []
         self.params = params
-        self.arrival_step = step
         self.status = Status.WAITING
         self.finish_reason: str | None = None
         self.num_computed_tokens = 0
@@ -47,7 +46,6 @@ class Sequence:
         self.generator: torch.Generator | None = None
         if params.seed is not None:
             self.generator = torch.Generator().manual_seed(params.seed + index)
-        self.num_preemptions = 0
         self.confident_run = 0  # consecutive sampled tokens above params.confident_probability
 
     @property
@@ -86,7 +84,6 @@ class Sequence:
         self.block_table = []
         self.slot = None
         self.status = Status.WAITING
-        self.num_preemptions += 1
 
     def __repr__(self) -> str:
         return (

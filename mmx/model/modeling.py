@@ -1,7 +1,7 @@
 """MiniMax decoder: embedding, layers (lightning or softmax attention, then MoE), final norm, LM head.
 
 Module and parameter names follow transformers' MiniMax / MiniMaxM2 classes, so ``state_dict()`` keys are the
-transformers-native names; :mod:`mmx.model.weights` maps the official checkpoint names onto them.
+transformers-native names; :mod:`mmx.model.checkpoint_io` maps the official checkpoint names onto them.
 """
 
 from __future__ import annotations
@@ -15,9 +15,11 @@ from torch import nn
 from mmx.config import MiniMaxConfig
 from mmx.model.attention import SoftmaxAttention
 from mmx.model.cache import AttentionCache
+from mmx.model.checkpoint_io import load_checkpoint, save_model
 from mmx.model.lightning import LightningAttention
 from mmx.model.moe import SparseMoeBlock
 from mmx.model.norm import RMSNorm
+from mmx.model.params import parameter_counts
 from mmx.model.rotary import RotaryEmbedding
 
 # Parameters kept in float32 whatever the model dtype: the router decides discrete expert choices.
@@ -177,8 +179,6 @@ class MiniMaxForCausalLM(nn.Module):
         return self
 
     def parameter_counts(self) -> dict[str, int]:
-        from mmx.model.params import parameter_counts
-
         return parameter_counts(self)
 
     # ------------------------------------------------------------------ checkpoints
@@ -189,13 +189,9 @@ class MiniMaxForCausalLM(nn.Module):
         dtype: torch.dtype | str | None = None,
         device: str | torch.device = "cpu",
     ) -> MiniMaxForCausalLM:
-        from mmx.model.weights import load_model
-
-        return load_model(path, dtype=dtype, device=device)
+        return load_checkpoint(cls, path, dtype=dtype, device=device)
 
     def save_pretrained(
         self, path: str | os.PathLike, dialect: str | None = None, max_shard_size: int | str = "5GB"
     ) -> None:
-        from mmx.model.weights import save_model
-
         save_model(self, path, dialect=dialect, max_shard_size=max_shard_size)

@@ -20,8 +20,6 @@ from mmx.tasks import arithmetic
 from mmx.tasks.episodes import Episode, ToolFunction
 from mmx.tasks.solve import TOOLS, grade, problem_episode
 
-ARITHMETIC_TRAIN_SEED = 5000  # far from the SFT data (seed 0) and the held-out test problems (seed 1000)
-
 
 @dataclass
 class Score:

@@ -26,7 +26,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from mmx.chat.tokenizer import Tokenizer
-from mmx.engine import LLM, SamplingParams
+from mmx.embedded import resolve_model
+from mmx.engine import SamplingParams
+from mmx.llm import LLM
 from mmx.model.modeling import MiniMaxForCausalLM
 from mmx.model.weights import load_model
 from mmx.rl.advantages import group_advantages, informative_groups, overlong_penalty
@@ -36,8 +38,8 @@ from mmx.rl.rewards import format_ok
 from mmx.rl.tasks import build_task
 from mmx.tasks.episodes import Episode, run_episodes
 from mmx.train.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
-from mmx.train.loop import capture_rng, remove_partial_writes, restore_rng
 from mmx.train.metrics import MetricsLog, column, plot_panels
+from mmx.train.resume import capture_rng, remove_partial_writes, restore_rng
 from mmx.utils.logging import get_logger
 
 logger = get_logger(__name__)
@@ -70,8 +72,6 @@ def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
 
 class RLTrainer:
     def __init__(self, cfg: RLConfig, resume: str | bool | None = None):
-        from mmx.cli.common import resolve_model
-
         self.cfg = cfg
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)

@@ -15,8 +15,10 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
+from mmx.chat.formats import tool_call_id_for
+from mmx.chat.reply import ContentDelta, Finish, ReasoningDelta, ToolCallArgs, ToolCallStart
 from mmx.engine.sampling_params import SamplingParams
-from mmx.serve.chat import ChatRunner, ChatTurn, RequestError
+from mmx.serve.chat import RequestError, follow, prepare_chat, run_to_end
 from mmx.serve.protocol import AnthropicMessagesRequest
 
 router = APIRouter()
@@ -28,8 +30,8 @@ def _text_of(content: Any) -> str:
     return "".join(b.get("text", "") for b in content or [] if b.get("type") == "text")
 
 
-def to_turn(body: AnthropicMessagesRequest) -> ChatTurn:
-    """Anthropic messages as the OpenAI-style conversation the templates read."""
+def to_openai(body: AnthropicMessagesRequest) -> tuple[list[dict[str, Any]], list[dict[str, Any]] | None, str]:
+    """Anthropic messages as the OpenAI-style conversation the templates read: (messages, tools, tool_choice)."""
     messages: list[dict[str, Any]] = []
     if body.system:
         messages.append({"role": "system", "content": _text_of(body.system)})
@@ -77,7 +79,7 @@ def to_turn(body: AnthropicMessagesRequest) -> ChatTurn:
         ]
     choice = (body.tool_choice or {}).get("type", "auto")
     tool_choice = {"auto": "auto", "any": "required", "none": "none"}.get(choice) or body.tool_choice["name"]
-    return ChatTurn(messages, tools, tool_choice if tools else "none")
+    return messages, tools, tool_choice if tools else "none"
 
 
 def _stop(reason: str, stop_reason) -> tuple[str, str | None]:
@@ -95,9 +97,6 @@ async def messages(body: AnthropicMessagesRequest, request: Request):
     state = request.app.state.mmx
     if body.model != state.model_name:
         raise RequestError(f"model {body.model!r} not found; this server serves {state.model_name!r}", "model", 404)
-    runner: ChatRunner = state.runner_for("split")
-    turn = to_turn(body)
-    _, ids, prefix = runner.build_prompt(turn)
     try:
         params = SamplingParams(
             temperature=1.0 if body.temperature is None else body.temperature,
@@ -108,24 +107,28 @@ async def messages(body: AnthropicMessagesRequest, request: Request):
         )
     except ValueError as e:
         raise RequestError(str(e)) from e
-    ChatRunner.clamp_max_tokens(params, len(ids), state.max_model_len)
+    conversation, tools, tool_choice = to_openai(body)
+    prepared = prepare_chat(state.tokenizer, state.chat, conversation, params, tools, tool_choice)
     mid = f"msg_{uuid.uuid4().hex[:24]}"
+    outputs = state.engine.generate(prepared.prompt_ids, params, mid)  # refuses a bad request here
+    (stream,) = prepared.reply_streams(state.tokenizer, state.chat)
     state.metrics.request_started("messages")
     if body.stream:
-        return StreamingResponse(_stream(state, runner, ids, params, turn, prefix, mid), media_type="text/event-stream")
-    start = time.perf_counter()
-    (result,), _ = await runner.complete(ids, params, turn, prefix, mid)
-    state.metrics.request_finished("messages", time.perf_counter() - start)
-    content: list[dict[str, Any]] = []
-    if result.reasoning:
-        content.append({"type": "thinking", "thinking": result.reasoning, "signature": ""})
-    if result.content:
-        content.append({"type": "text", "text": result.content})
-    for call in result.tool_calls:
-        content.append(
-            {"type": "tool_use", "id": "toolu_" + call["id"][5:], "name": call["name"], "input": call["arguments"]}
+        return StreamingResponse(
+            _stream(state, outputs, stream, len(prepared.prompt_ids), mid), media_type="text/event-stream"
         )
-    stop_reason, stop_sequence = _stop(result.finish_reason, result.stop_reason)
+    start = time.perf_counter()
+    await run_to_end(state.engine, outputs, [stream])
+    state.metrics.request_finished("messages", time.perf_counter() - start)
+    reply = stream.message()
+    content: list[dict[str, Any]] = []
+    if reply["reasoning_content"]:
+        content.append({"type": "thinking", "thinking": reply["reasoning_content"], "signature": ""})
+    if reply["content"]:
+        content.append({"type": "text", "text": reply["content"]})
+    for call in reply.get("tool_calls", []):
+        content.append(_tool_use(call["id"], call["function"]["name"], call["function"]["arguments"]))
+    stop_reason, stop_sequence = _stop(stream.reply_finish_reason, stream.stop_reason)
     return {
         "id": mid,
         "type": "message",
@@ -134,15 +137,19 @@ async def messages(body: AnthropicMessagesRequest, request: Request):
         "content": content,
         "stop_reason": stop_reason,
         "stop_sequence": stop_sequence,
-        "usage": {"input_tokens": len(ids), "output_tokens": len(result.token_ids)},
+        "usage": {"input_tokens": len(prepared.prompt_ids), "output_tokens": len(stream.token_ids)},
     }
+
+
+def _tool_use(call_id: str, name: str, arguments: dict) -> dict:
+    return {"type": "tool_use", "id": tool_call_id_for("anthropic", call_id), "name": name, "input": arguments}
 
 
 def _event(kind: str, data: dict) -> str:
     return f"event: {kind}\ndata: {json.dumps({'type': kind, **data}, ensure_ascii=False)}\n\n"
 
 
-async def _stream(state, runner, ids, params, turn, prefix, mid) -> AsyncIterator[str]:
+async def _stream(state, outputs, stream, prompt_tokens: int, mid: str) -> AsyncIterator[str]:
     start = time.perf_counter()
     message = {
         "id": mid,
@@ -152,7 +159,7 @@ async def _stream(state, runner, ids, params, turn, prefix, mid) -> AsyncIterato
         "content": [],
         "stop_reason": None,
         "stop_sequence": None,
-        "usage": {"input_tokens": len(ids), "output_tokens": 0},
+        "usage": {"input_tokens": prompt_tokens, "output_tokens": 0},
     }
     yield _event("message_start", {"message": message})
     index, open_kind, first = -1, None, True
@@ -178,51 +185,40 @@ async def _stream(state, runner, ids, params, turn, prefix, mid) -> AsyncIterato
         out.append(_event("content_block_start", {"index": index, "content_block": block}))
         return out
 
+    def delta(payload: dict) -> str:
+        return _event("content_block_delta", {"index": index, "delta": payload})
+
     try:
-        async for ev in runner.stream(ids, params, turn, prefix, mid):
+        async for _, reply_events, _ in follow(state.engine, outputs, [stream]):
             if first:
                 state.metrics.first_token(time.perf_counter() - start)
                 first = False
             events: list[str] = []
-            if ev.kind == "reasoning" and ev.text:
-                if open_kind != "thinking":
-                    events += open_block("thinking", {"type": "thinking", "thinking": ""})
-                events.append(
-                    _event(
-                        "content_block_delta",
-                        {"index": index, "delta": {"type": "thinking_delta", "thinking": ev.text}},
+            for ev in reply_events:
+                if isinstance(ev, ReasoningDelta) and ev.text:
+                    if open_kind != "thinking":
+                        events += open_block("thinking", {"type": "thinking", "thinking": ""})
+                    events.append(delta({"type": "thinking_delta", "thinking": ev.text}))
+                elif isinstance(ev, ContentDelta) and ev.text:
+                    if open_kind != "text":
+                        events += open_block("text", {"type": "text", "text": ""})
+                    events.append(delta({"type": "text_delta", "text": ev.text}))
+                elif isinstance(ev, ToolCallStart):
+                    events += open_block("tool_use", _tool_use(ev.id, ev.name, {}))
+                elif isinstance(ev, ToolCallArgs):
+                    events.append(delta({"type": "input_json_delta", "partial_json": ev.text}))
+                elif isinstance(ev, Finish):
+                    events += close()
+                    stop_reason, stop_sequence = _stop(ev.reason, ev.stop_reason)
+                    events.append(
+                        _event(
+                            "message_delta",
+                            {
+                                "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
+                                "usage": {"output_tokens": len(stream.token_ids)},
+                            },
+                        )
                     )
-                )
-            elif ev.kind == "content" and ev.text:
-                if open_kind != "text":
-                    events += open_block("text", {"type": "text", "text": ""})
-                events.append(
-                    _event("content_block_delta", {"index": index, "delta": {"type": "text_delta", "text": ev.text}})
-                )
-            elif ev.kind == "tool_start":
-                events += open_block(
-                    "tool_use", {"type": "tool_use", "id": "toolu_" + ev.tool_id[5:], "name": ev.tool_name, "input": {}}
-                )
-            elif ev.kind == "tool_args":
-                events.append(
-                    _event(
-                        "content_block_delta",
-                        {"index": index, "delta": {"type": "input_json_delta", "partial_json": ev.text}},
-                    )
-                )
-            elif ev.kind == "finish":
-                events += close()
-                sample = ev.output.outputs[0]
-                stop_reason, stop_sequence = _stop(ev.finish_reason, sample.stop_reason)
-                events.append(
-                    _event(
-                        "message_delta",
-                        {
-                            "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
-                            "usage": {"output_tokens": len(sample.token_ids)},
-                        },
-                    )
-                )
             for e in events:
                 yield e
         yield _event("message_stop", {})

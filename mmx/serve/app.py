@@ -1,5 +1,5 @@
-"""The server: one FastAPI app over an async engine. The server never touches tensors; the engine never sees text
-beyond the prompt's token ids."""
+"""The server: one FastAPI app over an async engine. The server never touches tensors; the engine never sees text:
+the server tokenises prompts and reads replies through :class:`~mmx.chat.reply.ReplyStream`."""
 
 from __future__ import annotations
 
@@ -13,9 +13,11 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from mmx.chat.formats import ChatSetup
+from mmx.chat.tokenizer import Tokenizer
 from mmx.engine.llm_engine import InvalidRequest
 from mmx.serve.anthropic_api import router as anthropic_router
-from mmx.serve.chat import ChatRunner, RequestError
+from mmx.serve.chat import RequestError
 from mmx.serve.errors import error_for
 from mmx.serve.metrics import Metrics
 from mmx.serve.openai_api import router as openai_router
@@ -26,26 +28,15 @@ logger = get_logger(__name__)
 
 @dataclass
 class ServerState:
-    engine: Any  # AsyncLLM, or anything with the same generate / abort / stats / tokenizer
+    engine: Any  # AsyncLLM, or anything with the same generate / finish_sequence / abort / stats
+    tokenizer: Tokenizer
+    chat: ChatSetup  # the template prompts are rendered with and the format replies are parsed in
     model_name: str
     model_path: str
     max_model_len: int
-    vocab_size: int
-    template: str
-    style: str
-    reasoning_mode: str = "split"
+    reasoning_mode: str = "split"  # or "append_think": reasoning kept inline in the content
     created: int = field(default_factory=lambda: int(time.time()))
     metrics: Metrics = field(default_factory=Metrics)
-
-    def __post_init__(self):
-        self.tokenizer = self.engine.tokenizer
-        self._runners: dict[str, ChatRunner] = {}
-        self.runner = self.runner_for(self.reasoning_mode)
-
-    def runner_for(self, mode: str) -> ChatRunner:
-        if mode not in self._runners:
-            self._runners[mode] = ChatRunner(self.engine, self.template, self.style, self.max_model_len, mode)
-        return self._runners[mode]
 
 
 class _BodyTooLarge(Exception):

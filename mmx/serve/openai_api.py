@@ -7,20 +7,26 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
+from mmx.chat.reply import ContentDelta, Finish, ReasoningDelta, ReplyEvent, ReplyStream, ToolCallStart
 from mmx.engine.sampling_params import SamplingParams
-from mmx.serve.chat import ChatRunner, ChatTurn, RequestError, StreamEvent
+from mmx.serve.chat import RequestError, follow, prepare_chat, run_to_end
 from mmx.serve.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 
 router = APIRouter()
 
 
+def _json(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False)
+
+
 def sse(data: dict | str) -> str:
-    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
+    return f"data: {data if isinstance(data, str) else _json(data)}\n\n"
 
 
 def sampling_params(body: SamplingFields, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
@@ -94,71 +100,79 @@ def _tool_choice(body: ChatCompletionRequest) -> str:
     return body.tool_choice or ("auto" if body.tools else "none")
 
 
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def _openai_message(reply: dict) -> dict:
+    message: dict[str, Any] = {"role": "assistant", "content": reply["content"]}
+    if reply["reasoning_content"] is not None:
+        message["reasoning_content"] = message["reasoning"] = reply["reasoning_content"]
+    if reply.get("tool_calls"):
+        message["tool_calls"] = [
+            {**call, "function": {**call["function"], "arguments": _json(call["function"]["arguments"])}}
+            for call in reply["tool_calls"]
+        ]
+    return message
+
+
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     state = request.app.state.mmx
     check_model(state, body.model)
-    runner: ChatRunner = state.runner if body.reasoning_mode is None else state.runner_for(body.reasoning_mode)
-    turn = ChatTurn(
-        messages=[m.model_dump(exclude_none=True) for m in body.messages],
+    mode = body.reasoning_mode or state.reasoning_mode
+    max_tokens = body.max_completion_tokens or body.max_tokens
+    prepared = prepare_chat(
+        state.tokenizer,
+        state.chat,
+        [m.model_dump(exclude_none=True) for m in body.messages],
+        sampling_params(body, max_tokens, (body.top_logprobs or 0) if body.logprobs else None),
         tools=[t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None,
         tool_choice=_tool_choice(body),
-        template_kwargs=body.chat_template_kwargs or {},
+        template_kwargs=body.chat_template_kwargs,
+        inline_reasoning=mode == "append_think",
     )
-    _, ids, prefix = runner.build_prompt(turn)
-    max_tokens = body.max_completion_tokens or body.max_tokens
-    params = sampling_params(body, max_tokens, (body.top_logprobs or 0) if body.logprobs else None)
-    ChatRunner.clamp_max_tokens(params, len(ids), state.max_model_len)
     rid = f"chatcmpl-{uuid.uuid4().hex}"
+    outputs = state.engine.generate(prepared.prompt_ids, prepared.params, rid)  # refuses a bad request here
+    streams = prepared.reply_streams(state.tokenizer, state.chat)
     created = int(time.time())
     state.metrics.request_started("chat")
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(
-            _chat_stream(state, runner, ids, params, turn, prefix, rid, created, include_usage, body.return_token_ids),
+            _chat_stream(state, outputs, streams, len(prepared.prompt_ids), rid, created, include_usage, body),
             media_type="text/event-stream",
         )
     start = time.perf_counter()
-    results, _final = await runner.complete(ids, params, turn, prefix, rid)
+    await run_to_end(state.engine, outputs, streams)
     state.metrics.request_finished("chat", time.perf_counter() - start)
     choices = []
-    for r in results:
-        message: dict[str, Any] = {"role": "assistant", "content": r.content}
-        if r.reasoning is not None:
-            message["reasoning_content"] = message["reasoning"] = r.reasoning
-        if r.tool_calls:
-            message["tool_calls"] = [
-                {
-                    "id": c["id"],
-                    "type": "function",
-                    "function": {"name": c["name"], "arguments": json.dumps(c["arguments"], ensure_ascii=False)},
-                }
-                for c in r.tool_calls
-            ]
+    for index, stream in enumerate(streams):
         choice = {
-            "index": r.index,
-            "message": message,
-            "logprobs": chat_logprobs(state.tokenizer, r.logprobs),
-            "finish_reason": r.finish_reason,
-            "stop_reason": r.stop_reason,
+            "index": index,
+            "message": _openai_message(stream.message()),
+            "logprobs": chat_logprobs(state.tokenizer, stream.logprobs if body.logprobs else None),
+            "finish_reason": stream.reply_finish_reason,
+            "stop_reason": stream.stop_reason,
         }
         if body.return_token_ids:
-            choice["token_ids"] = r.token_ids
+            choice["token_ids"] = stream.token_ids
         choices.append(choice)
-    completion = sum(len(r.token_ids) for r in results)
     return {
         "id": rid,
         "object": "chat.completion",
         "created": created,
         "model": state.model_name,
         "choices": choices,
-        "usage": {"prompt_tokens": len(ids), "completion_tokens": completion, "total_tokens": len(ids) + completion},
+        "usage": usage(len(prepared.prompt_ids), sum(len(s.token_ids) for s in streams)),
     }
 
 
-async def _chat_stream(
-    state, runner, ids, params, turn, prefix, rid, created, include_usage, return_token_ids=False
-) -> AsyncIterator[str]:
+async def _chat_stream(state, outputs, streams, prompt_tokens, rid, created, include_usage, body) -> AsyncIterator[str]:
     base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": state.model_name}
 
     def chunk(index: int, delta: dict, finish: str | None = None, logprobs=None, token_ids=None) -> str:
@@ -169,69 +183,53 @@ async def _chat_stream(
 
     start = time.perf_counter()
     first_token = True
-    completion_tokens = [0] * params.n
-    sent_logprobs = [0] * params.n
     try:
-        for i in range(params.n):
+        for i in range(len(streams)):
             yield chunk(i, {"role": "assistant", "content": ""})
-        async for ev in runner.stream(ids, params, turn, prefix, rid):
+        async for index, events, logprobs in follow(state.engine, outputs, streams):
             if first_token:
                 state.metrics.first_token(time.perf_counter() - start)
                 first_token = False
-            if ev.kind == "finish":
-                sample = ev.output.outputs[ev.index]
-                completion_tokens[ev.index] = len(sample.token_ids)
-                if sample.logprobs is not None and len(sample.logprobs) > sent_logprobs[ev.index]:
-                    yield chunk(
-                        ev.index,
-                        {},
-                        logprobs=chat_logprobs(state.tokenizer, sample.logprobs[sent_logprobs[ev.index] :]),
-                    )
-                yield chunk(ev.index, {}, ev.finish_reason, token_ids=sample.token_ids if return_token_ids else None)
-                continue
-            yield chunk(ev.index, _delta(ev))
+            # the step's log-probs ride on its first chunk (an empty delta when all its text is held back)
+            pending = chat_logprobs(state.tokenizer, logprobs) if body.logprobs and logprobs else None
+            for ev in events:
+                if isinstance(ev, Finish):
+                    if pending is not None:
+                        yield chunk(index, {}, logprobs=pending)
+                        pending = None
+                    ids = streams[index].token_ids if body.return_token_ids else None
+                    yield chunk(index, {}, ev.reason, token_ids=ids)
+                else:
+                    yield chunk(index, _delta(ev), logprobs=pending)
+                    pending = None
+            if pending is not None:
+                yield chunk(index, {}, logprobs=pending)
         if include_usage:
-            total = sum(completion_tokens)
-            yield sse(
-                {
-                    **base,
-                    "choices": [],
-                    "usage": {"prompt_tokens": len(ids), "completion_tokens": total, "total_tokens": len(ids) + total},
-                }
-            )
+            yield sse({**base, "choices": [], "usage": usage(prompt_tokens, sum(len(s.token_ids) for s in streams))})
         state.metrics.request_finished("chat", time.perf_counter() - start)
     except (RequestError, ValueError, RuntimeError) as e:
         state.metrics.request_failed("chat")
-        yield sse(
-            {
-                "error": {
-                    "message": str(e),
-                    "type": "invalid_request_error" if isinstance(e, ValueError) else "server_error",
-                    "param": None,
-                    "code": None,
-                }
-            }
-        )
+        yield sse_error(e)
     yield sse("[DONE]")
 
 
-def _delta(ev: StreamEvent) -> dict:
-    if ev.kind == "reasoning":
+def sse_error(e: Exception) -> str:
+    kind = "invalid_request_error" if isinstance(e, ValueError) else "server_error"
+    return sse({"error": {"message": str(e), "type": kind, "param": None, "code": None}})
+
+
+def _delta(ev: ReplyEvent) -> dict:
+    if isinstance(ev, ReasoningDelta):
         return {"reasoning_content": ev.text, "reasoning": ev.text}
-    if ev.kind == "content":
+    if isinstance(ev, ContentDelta):
         return {"content": ev.text}
-    if ev.kind == "tool_start":
+    if isinstance(ev, ToolCallStart):
         return {
             "tool_calls": [
-                {
-                    "index": ev.tool_index,
-                    "id": ev.tool_id,
-                    "type": "function",
-                    "function": {"name": ev.tool_name, "arguments": ""},
-                }
+                {"index": ev.index, "id": ev.id, "type": "function", "function": {"name": ev.name, "arguments": ""}}
             ]
         }
-    return {"tool_calls": [{"index": ev.tool_index, "function": {"arguments": ev.text}}]}
+    return {"tool_calls": [{"index": ev.index, "function": {"arguments": ev.text}}]}
 
 
 # ---------------------------------------------------------------------------------------------------- completions
@@ -240,20 +238,7 @@ def _prompts(state, prompt) -> list[tuple[str | None, list[int]]]:
         prompt = [prompt]
     if prompt and isinstance(prompt[0], int):
         prompt = [prompt]
-    out = []
-    for p in prompt:
-        if isinstance(p, str):
-            ids = state.tokenizer.encode(p)
-            if not ids:
-                raise RequestError("prompt must not be empty", "prompt")
-            out.append((p, ids))
-        else:
-            if any(t < 0 or t >= state.vocab_size for t in p):
-                raise RequestError(f"prompt token ids must lie in [0, {state.vocab_size})", "prompt")
-            out.append((None, list(p)))
-    for _, ids in out:
-        state.runner.check_length(ids)
-    return out
+    return [(p, state.tokenizer.encode(p)) if isinstance(p, str) else (None, list(p)) for p in prompt]
 
 
 def completion_logprobs(tokenizer, entries, offset: int) -> dict | None:
@@ -272,18 +257,35 @@ def completion_logprobs(tokenizer, entries, offset: int) -> dict | None:
     }
 
 
+@dataclass
+class _CompletionRun:
+    """One prompt of a completions request: its outputs from the engine and a reply stream per sample."""
+
+    number: int  # the prompt's position in the request
+    prompt_text: str  # what echo prints
+    prompt_ids: list[int]
+    outputs: AsyncIterator
+    streams: list[ReplyStream]
+
+
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request):
     state = request.app.state.mmx
     check_model(state, body.model)
-    prompts = _prompts(state, body.prompt)
     rid = f"cmpl-{uuid.uuid4().hex}"
-    created = int(time.time())
+    params = sampling_params(body, body.max_tokens, body.logprobs)
     runs = []
-    for i, (text, ids) in enumerate(prompts):
-        params = sampling_params(body, body.max_tokens, body.logprobs)
-        ChatRunner.clamp_max_tokens(params, len(ids), state.max_model_len)
-        runs.append((i, text, ids, params))
+    try:
+        for i, (text, ids) in enumerate(_prompts(state, body.prompt)):
+            outputs = state.engine.generate(ids, params, f"{rid}-{i}")  # refuses a bad prompt here
+            streams = [ReplyStream.for_params(state.tokenizer, params) for _ in range(params.n)]
+            echo = (text if text is not None else state.tokenizer.decode(ids)) if body.echo else ""
+            runs.append(_CompletionRun(i, echo, ids, outputs, streams))
+    except Exception:
+        for run in runs:  # the prompts before the bad one never started: close their streams
+            await run.outputs.aclose()
+        raise
+    created = int(time.time())
     state.metrics.request_started("completions")
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -291,29 +293,20 @@ async def completions(body: CompletionRequest, request: Request):
             _completion_stream(state, body, runs, rid, created, include_usage), media_type="text/event-stream"
         )
     start = time.perf_counter()
-
-    async def run(i, text, ids, params):
-        final = None
-        async for out in state.engine.generate(ids, params, f"{rid}-{i}"):
-            final = out
-        return i, text, ids, final
-
-    finals = await asyncio.gather(*(run(*r) for r in runs))
+    await asyncio.gather(*(run_to_end(state.engine, r.outputs, r.streams) for r in runs))
     state.metrics.request_finished("completions", time.perf_counter() - start)
-    choices, prompt_tokens, completion_tokens = [], 0, 0
-    for i, text, ids, final in finals:
-        prompt_tokens += len(ids)
-        prompt_text = text if text is not None else state.tokenizer.decode(ids)
-        for sample in final.outputs:
-            completion_tokens += len(sample.token_ids)
-            echo = prompt_text if body.echo else ""
+    choices = []
+    for r in runs:
+        for index, stream in enumerate(r.streams):
             choices.append(
                 {
-                    "index": i * body.n + sample.index,
-                    "text": echo + sample.text,
-                    "logprobs": completion_logprobs(state.tokenizer, sample.logprobs, len(echo)),
-                    "finish_reason": sample.finish_reason,
-                    "stop_reason": sample.stop_reason,
+                    "index": r.number * body.n + index,
+                    "text": r.prompt_text + stream.text,
+                    "logprobs": completion_logprobs(
+                        state.tokenizer, stream.logprobs if body.logprobs is not None else None, len(r.prompt_text)
+                    ),
+                    "finish_reason": stream.finish_reason,
+                    "stop_reason": stream.stop_reason,
                 }
             )
     return {
@@ -322,33 +315,40 @@ async def completions(body: CompletionRequest, request: Request):
         "created": created,
         "model": state.model_name,
         "choices": choices,
-        "usage": {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-        },
+        "usage": _completion_usage(runs),
     }
+
+
+def _completion_usage(runs: list[_CompletionRun]) -> dict:
+    return usage(sum(len(r.prompt_ids) for r in runs), sum(len(s.token_ids) for r in runs for s in r.streams))
 
 
 async def _completion_stream(state, body, runs, rid, created, include_usage) -> AsyncIterator[str]:
     base = {"id": rid, "object": "text_completion", "created": created, "model": state.model_name}
+
+    def choice(index: int, text: str, logprobs=None, finish: str | None = None) -> str:
+        return sse({**base, "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}]})
+
     queue: asyncio.Queue = asyncio.Queue()
 
-    async def pump(i, text, ids, params):
+    async def pump(run: _CompletionRun):
         try:
-            async for out in state.engine.generate(ids, params, f"{rid}-{i}"):
-                await queue.put((i, text, ids, out))
+            async for item in follow(state.engine, run.outputs, run.streams):
+                await queue.put((run, *item))
         except Exception as e:
             await queue.put(e)
         finally:
             await queue.put(None)
 
-    tasks = [asyncio.create_task(pump(*r)) for r in runs]
+    tasks = [asyncio.create_task(pump(r)) for r in runs]
     start = time.perf_counter()
-    seen: dict[tuple[int, int], tuple[int, int]] = {}  # (prompt, sample) -> (chars, logprobs) sent
-    prompt_tokens = completion_tokens = 0
+    sent = {}  # (prompt, sample) -> characters of the sample's text sent, for text_offset
     remaining = len(tasks)
     try:
+        if body.echo:
+            for r in runs:
+                for index in range(body.n):
+                    yield choice(r.number * body.n + index, r.prompt_text)
         while remaining:
             item = await queue.get()
             if item is None:
@@ -356,62 +356,20 @@ async def _completion_stream(state, body, runs, rid, created, include_usage) -> 
                 continue
             if isinstance(item, Exception):
                 raise item
-            i, text, ids, out = item
-            for sample in out.outputs:
-                key = (i, sample.index)
-                if key not in seen:
-                    seen[key] = (0, 0)
-                    if body.echo:
-                        yield sse(
-                            {
-                                **base,
-                                "choices": [
-                                    {
-                                        "index": i * body.n + sample.index,
-                                        "text": text if text is not None else state.tokenizer.decode(ids),
-                                        "logprobs": None,
-                                        "finish_reason": None,
-                                    }
-                                ],
-                            }
-                        )
-                chars, lps = seen[key]
-                delta = sample.text[chars:]
-                new_lps = sample.logprobs[lps:] if sample.logprobs is not None else None
-                if delta or sample.finish_reason or new_lps:
-                    yield sse(
-                        {
-                            **base,
-                            "choices": [
-                                {
-                                    "index": i * body.n + sample.index,
-                                    "text": delta,
-                                    "logprobs": completion_logprobs(state.tokenizer, new_lps, chars),
-                                    "finish_reason": sample.finish_reason,
-                                }
-                            ],
-                        }
-                    )
-                seen[key] = (len(sample.text), len(sample.logprobs or []))
-            if out.finished:
-                prompt_tokens += len(ids)
-                completion_tokens += sum(len(s.token_ids) for s in out.outputs)
+            run, index, events, logprobs = item
+            key = (run.number, index)
+            text = "".join(ev.text for ev in events if isinstance(ev, ContentDelta))
+            finish = next((ev.reason for ev in events if isinstance(ev, Finish)), None)
+            offset = len(run.prompt_text) + sent.get(key, 0)
+            lps = completion_logprobs(state.tokenizer, logprobs, offset) if body.logprobs is not None else None
+            yield choice(run.number * body.n + index, text, lps, finish)
+            sent[key] = sent.get(key, 0) + len(text)
         if include_usage:
-            yield sse(
-                {
-                    **base,
-                    "choices": [],
-                    "usage": {
-                        "prompt_tokens": prompt_tokens,
-                        "completion_tokens": completion_tokens,
-                        "total_tokens": prompt_tokens + completion_tokens,
-                    },
-                }
-            )
+            yield sse({**base, "choices": [], "usage": _completion_usage(runs)})
         state.metrics.request_finished("completions", time.perf_counter() - start)
     except Exception as e:
         state.metrics.request_failed("completions")
-        yield sse({"error": {"message": str(e), "type": "invalid_request_error", "param": None, "code": None}})
+        yield sse_error(e)
     finally:
         for task in tasks:
             task.cancel()

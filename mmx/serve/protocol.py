@@ -19,11 +19,6 @@ class _Lenient(BaseModel):
 
 
 # ---------------------------------------------------------------------------------------------------- OpenAI
-class TextPart(_Lenient):
-    type: Literal["text"]
-    text: str
-
-
 class FunctionCall(_Lenient):
     name: str
     arguments: str | dict[str, Any] | None = None

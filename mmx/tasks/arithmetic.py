@@ -67,11 +67,11 @@ def _step(rng: random.Random, total: int, name: str, item: str) -> tuple[Step, i
     if kind == "add":
         b = rng.randint(2, 99)
         verb = rng.choice([f"buys {b} more", f"finds {b} more", f"gets {b} more from a friend", f"wins {b} more"])
-        return Step(kind, f"{name} {verb}.", f"{verb}: add {b}", (b,)), total + b
+        return Step(kind, f"{name} {verb}.", f"{verb} {item}: add {b}", (b,)), total + b
     if kind == "sub":
         b = rng.randint(1, min(99, total - 1))
         verb = rng.choice([f"gives away {b}", f"loses {b}", f"sells {b}", f"uses {b}"])
-        return Step(kind, f"{name} {verb}.", f"{verb}: subtract {b}", (b,)), total - b
+        return Step(kind, f"{name} {verb}.", f"{verb} {item}: subtract {b}", (b,)), total - b
     if kind == "boxes":
         n, m = rng.randint(2, 9), rng.randint(2, 12)
         box = rng.choice(["boxes", "bags", "packs"])
@@ -83,15 +83,15 @@ def _step(rng: random.Random, total: int, name: str, item: str) -> tuple[Step, i
         return Step(kind, f"Then the number of {item} {word}.", f"it {word}: multiply by {k}", (k,)), total * k
     divisors = [k for k in (2, 3, 4, 5) if total % k == 0]
     if not divisors:  # no even split: add instead
-        return _step_add_fallback(rng, total, name)
+        return _step_add_fallback(rng, total, name, item)
     k = rng.choice(divisors)
     sentence = f"{name} splits them equally into {k} piles and keeps one pile."
     return Step("div", sentence, f"keeps one of {k} equal piles: divide by {k}", (k,)), total // k
 
 
-def _step_add_fallback(rng: random.Random, total: int, name: str) -> tuple[Step, int]:
+def _step_add_fallback(rng: random.Random, total: int, name: str, item: str) -> tuple[Step, int]:
     b = rng.randint(2, 99)
-    return Step("add", f"{name} buys {b} more.", f"buys {b} more: add {b}", (b,)), total + b
+    return Step("add", f"{name} buys {b} more.", f"buys {b} more {item}: add {b}", (b,)), total + b
 
 
 def _expression(start: int, steps: list[Step]) -> str:
@@ -237,6 +237,13 @@ def _evaluate(node: ast.AST) -> float:
 
 
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+_WORD = re.compile(r"[A-Za-z]+")
+
+
+def mentioned(text: str | None, words: list[str]) -> set[str]:
+    """Which of ``words`` (item or person names) occur in ``text`` as whole words."""
+    found = set(_WORD.findall(text or ""))
+    return {w for w in words if w in found}
 
 
 def extract_answer(content: str | None) -> int | None:

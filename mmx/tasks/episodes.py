@@ -1,6 +1,6 @@
-"""Multi-turn tool-use episodes run in-process on an :class:`~mmx.engine.LLM`: render the conversation with the
-chat template, generate, split off the reasoning, parse tool calls, run the tools, feed their results back, and
-repeat until the model answers without calling a tool. Many episodes advance together, one batched generate call
+"""Multi-turn tool-use episodes run in-process on an :class:`~mmx.LLM`: ``LLM.chat`` renders each conversation
+and parses each reply (reasoning, content, tool calls); the tools run and their results go back, until the model
+answers without calling a tool. Many episodes advance together, one batched generate call
 per round, so the engine sees them as concurrent requests."""
 
 from __future__ import annotations
@@ -13,9 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from mmx.chat.reasoning import split_reasoning
-from mmx.chat.tool_calls import parse_tool_calls
-from mmx.engine import LLM, SamplingParams
+from mmx.engine import SamplingParams
+from mmx.llm import LLM
 
 ToolFunction = Callable[[dict[str, Any]], str]
 
@@ -77,32 +76,34 @@ def run_episodes(
     sampling: SamplingParams,
     max_turns: int = 4,
     template: str | None = None,
-    style: str = "minimax_m2",
 ) -> dict[str, float]:
     """Advance every episode until it answers or reaches ``max_turns`` model turns; returns timing figures."""
-    tokenizer = llm.tokenizer
     started, generated = time.perf_counter(), 0
     for _ in range(max_turns):
         active = [e for e in episodes if not e.done]
         if not active:
             break
-        prompts = [
-            tokenizer.apply_chat_template(e.messages, tools=e.tools, chat_template=template, add_generation_prompt=True)
-            for e in active
-        ]
-        params = [_turn_params(sampling, e) for e in active]
-        outputs = llm.generate(prompts, params, use_tqdm=False)
+        outputs = llm.chat(
+            [e.messages for e in active],
+            [_turn_params(sampling, e) for e in active],
+            tools=[e.tools for e in active],
+            chat_template=template,
+            use_tqdm=False,
+        )
         for episode, out in zip(active, outputs):
             completion = out.outputs[0]
             generated += len(completion.token_ids)
-            reasoning, rest = split_reasoning("<think>\n" + completion.text, style)
-            content, calls = parse_tool_calls(rest, episode.tools, style) if episode.tools else (rest, [])
+            reply = completion.message
+            calls = [
+                {"name": c["function"]["name"], "arguments": c["function"]["arguments"]}
+                for c in reply.get("tool_calls", [])
+            ]
             turn = Turn(
                 prompt_ids=list(out.prompt_token_ids),
                 output_ids=list(completion.token_ids),
                 text=completion.text,
-                reasoning=reasoning,
-                content=(content or "").strip(),
+                reasoning=reply["reasoning_content"],
+                content=(reply["content"] or "").strip(),
                 calls=calls,
                 logprobs=[lp.logprob for lp in completion.logprobs] if completion.logprobs else None,
                 finish_reason=completion.finish_reason,
@@ -111,7 +112,7 @@ def run_episodes(
             message: dict[str, Any] = {
                 "role": "assistant",
                 "content": turn.content,
-                "reasoning_content": reasoning or "",
+                "reasoning_content": turn.reasoning or "",
             }
             if calls and completion.finish_reason == "stop":
                 message["tool_calls"] = [

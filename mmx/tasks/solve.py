@@ -6,8 +6,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from mmx.engine import LLM, SamplingParams
-from mmx.tasks.arithmetic import CALCULATOR_TOOL, SYSTEM_PROMPT, Problem, calculate, extract_answer
+from mmx.engine import SamplingParams
+from mmx.llm import LLM
+from mmx.tasks.arithmetic import (
+    CALCULATOR_TOOL,
+    ITEMS,
+    NAMES,
+    SYSTEM_PROMPT,
+    Problem,
+    calculate,
+    extract_answer,
+    mentioned,
+)
 from mmx.tasks.episodes import Episode, run_episodes
 
 TOOLS = {"calculator": lambda args: calculate(str(args.get("expression", "")))}
@@ -20,9 +30,17 @@ def problem_episode(problem: Problem, use_tool: bool, system: bool = True) -> Ep
 
 
 def grade(episode: Episode) -> None:
+    """``correct``: the final answer's number is right (the reward); ``item_right`` / ``name_right``: it names the
+    counted item and the person of the question, and no other."""
     problem: Problem = episode.metadata["problem"]
-    answer = extract_answer(episode.final_content)
-    episode.metadata.update(answer=answer, correct=answer == problem.answer)
+    content = episode.final_content
+    answer = extract_answer(content)
+    episode.metadata.update(
+        answer=answer,
+        correct=answer == problem.answer,
+        item_right=mentioned(content, ITEMS) == {problem.item},
+        name_right=mentioned(content, NAMES) == {problem.name},
+    )
 
 
 def solve_problems(

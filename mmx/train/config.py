@@ -71,7 +71,9 @@ class TrainConfig(ConfigFile):
     model: str = "tiny-m1"  # a preset name, or a checkpoint directory to continue from
     model_overrides: dict[str, Any] = field(default_factory=dict)  # config fields changed from the preset
     tokenizer: str | None = None  # tokenizer directory (default: the model directory's)
-    chat_template: str = "minimax_m2"  # how SFT conversations are rendered: minimax_m1, minimax_m2 or a .jinja
+    # how SFT chats are rendered: a .jinja file, a built-in format's name (m1, m2), or None: the tokenizer's own
+    # template, else the built-in one of the model's family
+    chat_template: str | None = None
     # data
     task: str = "sft"  # "pretrain" (text, every token) or "sft" (chats, assistant tokens only)
     train_data: list[str] = field(default_factory=list)  # .txt (one document per file) or .jsonl files

@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from mmx.chat.template import builtin_template
+from mmx.chat import formats
 from mmx.chat.tokenizer import Tokenizer
-from mmx.config import MiniMaxConfig
+from mmx.config import ARCH_M1, MiniMaxConfig
 from mmx.model.cache import PackedDocuments
 from mmx.model.modeling import MiniMaxForCausalLM
 from mmx.model.moe import SparseMoeBlock
@@ -37,6 +37,7 @@ from mmx.train.parallel import (
     load_full_optimizer_state,
     shard_model,
 )
+from mmx.train.resume import capture_rng, remove_partial_writes, restore_rng
 from mmx.utils.logging import get_logger
 
 logger = get_logger(__name__)
@@ -81,16 +82,6 @@ def load_balancing_loss(blocks: list[SparseMoeBlock], valid: torch.Tensor) -> to
     return torch.stack(losses).mean() if losses else torch.zeros(())
 
 
-def capture_rng() -> dict[str, Any]:
-    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
-
-
-def restore_rng(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-
-
 def resolve_tokenizer(cfg: TrainConfig, model_dir: str | None) -> Tokenizer:
     source = cfg.tokenizer or model_dir
     if source is None:
@@ -98,25 +89,11 @@ def resolve_tokenizer(cfg: TrainConfig, model_dir: str | None) -> Tokenizer:
     return Tokenizer.from_pretrained(source)
 
 
-def resolve_template(cfg: TrainConfig, tokenizer: Tokenizer) -> str | None:
+def resolve_template(cfg: TrainConfig, tokenizer: Tokenizer, architecture: str) -> str | None:
+    """The template SFT chats are rendered with (pretraining renders none)."""
     if cfg.task != "sft":
         return None
-    if cfg.chat_template.endswith(".jinja"):
-        with open(cfg.chat_template, encoding="utf-8") as f:
-            return f.read()
-    if cfg.chat_template == "tokenizer":
-        return tokenizer.chat_template
-    return builtin_template(cfg.chat_template)
-
-
-def remove_partial_writes(out_dir: str) -> None:
-    """Temporary files and directories of a run that was killed while writing (never read, only renamed)."""
-    import shutil
-
-    for name in os.listdir(out_dir):
-        if name.startswith(".tmp-"):
-            path = os.path.join(out_dir, name)
-            shutil.rmtree(path) if os.path.isdir(path) else os.unlink(path)
+    return formats.resolve_template(cfg.chat_template, tokenizer.chat_template, architecture)
 
 
 # ---------------------------------------------------------------------------------------------------- trainer
@@ -131,11 +108,11 @@ class Trainer:
 
         model_dir = cfg.model if os.path.isdir(cfg.model) else None
         self.tokenizer = resolve_tokenizer(cfg, model_dir)
-        self.template = resolve_template(cfg, self.tokenizer)
-        if self.template is not None and self.tokenizer.chat_template is None:
-            self.tokenizer.chat_template = self.template  # saved checkpoints then chat out of the box
         self.model = self._build_model(model_dir)
         self.config: MiniMaxConfig = self.model.config
+        self.template = resolve_template(cfg, self.tokenizer, self.config.architecture)
+        if self.template is not None and self.tokenizer.chat_template is None:
+            self.tokenizer.chat_template = self.template  # saved checkpoints then chat out of the box
         self.model.train()
         self.model.model.gradient_checkpointing = cfg.activation_checkpointing
         self.blocks = moe_blocks(self.model)
@@ -204,7 +181,7 @@ class Trainer:
         if self.tokenizer.eos_token_id is not None:
             overrides.setdefault("eos_token_id", self.tokenizer.eos_token_id)
         config = MiniMaxConfig.from_preset(self.cfg.model, **overrides)
-        if config.architecture == "minimax_m1":
+        if config.architecture == ARCH_M1:
             # A new M1-family model is written in the transformers dialect, with transformers' decay ladder and RoPE
             # over the whole head (transformers 5.23 ignores M1's partial rotary_dim), so that transformers computes
             # exactly what mmx does. model_overrides can still ask for the official choices.
