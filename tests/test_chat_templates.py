@@ -225,3 +225,29 @@ def test_sandbox_blocks_unsafe_attributes():
 
     with pytest.raises(jinja2.exceptions.SecurityError):
         render_chat("{{ messages.__class__.__init__.__globals__ }}", [{"role": "user", "content": "x"}])
+
+
+def test_chat_format_detection_and_template_preference(tmp_path):
+    """A checkpoint's own template wins over mmx's; the format follows the template's tool syntax, else the family."""
+    from mmx.chat.formats import M1, M2, chat_for, detect_format, get_format, resolve_template
+
+    assert detect_format(M2.builtin_template, "minimax_m1") is M2  # mmx-tiny: M1 architecture, M2 chat format
+    assert detect_format(M1.builtin_template, "minimax_m2") is M1
+    assert detect_format("{{ messages }}", "minimax_m2") is M2 and detect_format(None, "minimax_m1") is M1
+    own = "{{ messages[0].content }}<minimax:tool_call>"
+    assert resolve_template(None, own, "minimax_m1") == own
+    assert resolve_template("tokenizer", None, "minimax_m1") == M1.builtin_template
+    assert resolve_template("m2", own, "minimax_m1") == M2.builtin_template
+    path = tmp_path / "t.jinja"
+    path.write_text("{{ 1 }}")
+    assert resolve_template(str(path), own, "minimax_m2") == "{{ 1 }}"
+    with pytest.raises(FileNotFoundError):
+        resolve_template(str(tmp_path / "missing.jinja"), None, "minimax_m2")
+    with pytest.raises(ValueError, match="unknown chat format"):
+        get_format("minimax_m3")
+
+    class Tok:
+        chat_template = own
+
+    setup = chat_for(Tok(), "minimax_m1")
+    assert setup.template == own and setup.format is M2

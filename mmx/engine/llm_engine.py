@@ -87,7 +87,7 @@ class LLMEngine:
         eos_token_ids: Iterable[int] = (),
         **kwargs: Any,
     ):
-        """``eos_token_ids`` add to the model config's (a tokenizer's EOS, when it differs)."""
+        """``eos_token_ids`` add to the model config's (the text side's EOS, when it differs)."""
         if args is None:
             args, rest = EngineArgs.split(kwargs)
             if rest:

@@ -1,0 +1,101 @@
+"""ReplyStream: token ids in, events out. Fed a token at a time, its events add up to the finished reply; text that
+could still become a stop string is held back, so no stream ever shows what the final text drops; chat replies
+split into reasoning, content and tool calls exactly as the non-streaming parsers split the same text."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mmx.chat import parse_tool_calls, split_reasoning
+from mmx.chat.formats import M2, new_tool_call_id, tool_call_id_for
+from mmx.chat.reply import ContentDelta, Finish, ReasoningDelta, ReplyStream, ToolCallArgs, ToolCallStart
+
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}},
+        },
+    }
+]
+REPLY = (
+    "The user wants Paris.\nLet me check.\n</think>\n\nChecking now.\n<minimax:tool_call>\n"
+    '<invoke name="get_weather">\n<parameter name="city">Paris</parameter>\n<parameter name="days">3</parameter>\n'
+    "</invoke>\n</minimax:tool_call>"
+)
+
+
+def _run(tokenizer, text: str, reason: str = "stop", **options) -> tuple[ReplyStream, list]:
+    """Feed ``text``'s tokens one at a time, ending the stream itself or with ``reason``."""
+    stream = ReplyStream(tokenizer, **options)
+    events = []
+    for token in tokenizer.encode(text):
+        events += stream.feed([token])
+        if stream.done:
+            break
+    events += stream.finish(reason)
+    return stream, events
+
+
+def _text(events, kind) -> str:
+    return "".join(ev.text for ev in events if isinstance(ev, kind))
+
+
+@pytest.mark.parametrize("stop", ["Let", "\n</think>", "days", "Paris.\nLet", "never there"])
+def test_plain_text_with_stop_strings_never_shows_what_is_dropped(tiny_tokenizer, stop):
+    stream, events = _run(tiny_tokenizer, REPLY, stop=[stop])
+    cut = REPLY.find(stop)
+    expected = REPLY if cut == -1 else REPLY[:cut]
+    assert stream.text == expected and _text(events, ContentDelta) == expected
+    shown = ""
+    for ev in events:  # no prefix of the stream ever reaches past the final text
+        if isinstance(ev, ContentDelta):
+            shown += ev.text
+            assert expected.startswith(shown)
+    assert events[-1] == Finish("stop", stop if cut != -1 else None)
+    assert stream.done and (stream.stop_reason == stop) == (cut != -1)
+
+
+def test_stop_string_included_and_tokens_kept_up_to_it(tiny_tokenizer):
+    stream, _ = _run(tiny_tokenizer, REPLY, stop=["Checking"], include_stop_str_in_output=True)
+    assert stream.text == REPLY[: REPLY.find("Checking") + len("Checking")]
+    # the tokens fed before the stream stopped itself decode to at least the kept text
+    assert tiny_tokenizer.decode(stream.token_ids).startswith(stream.text)
+    assert stream.feed([1, 2, 3]) == [] and stream.finish("length") == []  # done: later tokens are ignored
+
+
+def test_chat_reply_splits_like_the_parsers(tiny_tokenizer):
+    stream, events = _run(tiny_tokenizer, REPLY, format=M2, tools=TOOLS)
+    reasoning, rest = split_reasoning(REPLY, M2.name)
+    content, calls = parse_tool_calls(rest, TOOLS, M2.name)
+    assert _text(events, ReasoningDelta) == reasoning and _text(events, ContentDelta) == content
+    starts = [ev for ev in events if isinstance(ev, ToolCallStart)]
+    args = "".join(ev.text for ev in events if isinstance(ev, ToolCallArgs))
+    assert [s.name for s in starts] == ["get_weather"] and json.loads(args) == calls[0]["arguments"]
+    assert events[-1] == Finish("tool_calls")
+    message = stream.message()
+    assert message["reasoning_content"] == reasoning and message["content"] == content
+    assert message["tool_calls"][0]["function"] == {"name": "get_weather", "arguments": {"city": "Paris", "days": 3}}
+    assert message["tool_calls"][0]["id"] == starts[0].id and starts[0].id.startswith("call_")
+
+
+def test_inline_reasoning_and_a_forced_prefix(tiny_tokenizer):
+    stream, events = _run(tiny_tokenizer, "Short.\n</think>\n\nAnswer.", format=M2, inline_reasoning=True)
+    assert _text(events, ContentDelta) == "<think>\nShort.\n</think>\n\nAnswer." and not _text(events, ReasoningDelta)
+    assert stream.message()["reasoning_content"] is None
+    # a forced tool-call opening goes through the parsers but is not part of the text
+    prefix = M2.forced_tool_prefix("get_weather")
+    body = '<parameter name="city">Rome</parameter>\n</invoke>\n</minimax:tool_call>'
+    stream, events = _run(tiny_tokenizer, body, format=M2, tools=TOOLS, prefix=prefix)
+    assert stream.text == body and stream.message()["tool_calls"][0]["function"]["arguments"] == {"city": "Rome"}
+
+
+def test_tool_call_ids_keep_their_random_part_across_apis():
+    call_id = new_tool_call_id()
+    anthropic_id = tool_call_id_for("anthropic", call_id)
+    assert call_id.startswith("call_") and anthropic_id.startswith("toolu_")
+    assert anthropic_id.removeprefix("toolu_") == call_id.removeprefix("call_")
+    assert tool_call_id_for("openai", anthropic_id) == call_id
