@@ -95,6 +95,24 @@ def test_chat_session(tmp_path, tiny_tokenizer, monkeypatch, capsys):
     assert "minimax_m2 format" in out and out.count("you>") == 4
 
 
+def test_chat_gives_mmx_tiny_its_calculator(monkeypatch, capsys):
+    """With no MODEL, `mmx chat` offers mmx-tiny its calculator tool and runs the calls; --no-calculator offers none."""
+    import io
+
+    if embedded_model_path() is None:
+        pytest.skip("the embedded mmx-tiny model is not installed")
+    question = "Kim has 71 cards. Kim gives away 12. How many cards does Kim have now?\n/exit\n"
+    monkeypatch.setattr("sys.stdin", io.StringIO(question))
+    assert main(["chat", "--max-tokens", "192", "--max-model-len", "1024"]) == 0
+    out = capsys.readouterr().out
+    assert "tools: calculator" in out and "tool call" in out and "tool result\x1b[0m 59" in out
+    assert "Kim has 59 cards now." in out
+    monkeypatch.setattr("sys.stdin", io.StringIO(question))
+    assert main(["chat", "--no-calculator", "--max-tokens", "192", "--max-model-len", "1024"]) == 0
+    out = capsys.readouterr().out
+    assert "tools:" not in out and "tool call" not in out and "cards" in out
+
+
 def test_help_does_not_import_torch():
     """`mmx --help` and every `mmx SUBCOMMAND --help` must stay instant: no torch import."""
     script = """

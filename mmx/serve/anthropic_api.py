@@ -18,7 +18,7 @@ from fastapi.responses import StreamingResponse
 from mmx.chat.formats import tool_call_id_for
 from mmx.chat.reply import ContentDelta, Finish, ReasoningDelta, ToolCallArgs, ToolCallStart
 from mmx.engine.sampling_params import SamplingParams
-from mmx.serve.chat import RequestError, follow, prepare_chat, run_to_end
+from mmx.serve.chat import RequestError, Run, follow, prepare_chat, run_to_end, start_run
 from mmx.serve.protocol import AnthropicMessagesRequest
 
 router = APIRouter()
@@ -109,16 +109,13 @@ async def messages(body: AnthropicMessagesRequest, request: Request):
         raise RequestError(str(e)) from e
     conversation, tools, tool_choice = to_openai(body)
     prepared = prepare_chat(state.tokenizer, state.chat, conversation, params, tools, tool_choice)
-    mid = f"msg_{uuid.uuid4().hex[:24]}"
-    outputs = state.engine.generate(prepared.prompt_ids, params, mid)  # refuses a bad request here
     (stream,) = prepared.reply_streams(state.tokenizer, state.chat)
+    run = start_run(state.engine, prepared.prompt_ids, params, f"msg_{uuid.uuid4().hex[:24]}", [stream])
     state.metrics.request_started("messages")
     if body.stream:
-        return StreamingResponse(
-            _stream(state, outputs, stream, len(prepared.prompt_ids), mid), media_type="text/event-stream"
-        )
+        return StreamingResponse(_stream(state, run), media_type="text/event-stream")
     start = time.perf_counter()
-    await run_to_end(state.engine, outputs, [stream])
+    await run_to_end(state.engine, run)
     state.metrics.request_finished("messages", time.perf_counter() - start)
     reply = stream.message()
     content: list[dict[str, Any]] = []
@@ -130,14 +127,14 @@ async def messages(body: AnthropicMessagesRequest, request: Request):
         content.append(_tool_use(call["id"], call["function"]["name"], call["function"]["arguments"]))
     stop_reason, stop_sequence = _stop(stream.reply_finish_reason, stream.stop_reason)
     return {
-        "id": mid,
+        "id": run.request_id,
         "type": "message",
         "role": "assistant",
         "model": state.model_name,
         "content": content,
         "stop_reason": stop_reason,
         "stop_sequence": stop_sequence,
-        "usage": {"input_tokens": len(prepared.prompt_ids), "output_tokens": len(stream.token_ids)},
+        "usage": {"input_tokens": len(run.prompt_ids), "output_tokens": run.completion_tokens},
     }
 
 
@@ -149,17 +146,17 @@ def _event(kind: str, data: dict) -> str:
     return f"event: {kind}\ndata: {json.dumps({'type': kind, **data}, ensure_ascii=False)}\n\n"
 
 
-async def _stream(state, outputs, stream, prompt_tokens: int, mid: str) -> AsyncIterator[str]:
+async def _stream(state, run: Run) -> AsyncIterator[str]:
     start = time.perf_counter()
     message = {
-        "id": mid,
+        "id": run.request_id,
         "type": "message",
         "role": "assistant",
         "model": state.model_name,
         "content": [],
         "stop_reason": None,
         "stop_sequence": None,
-        "usage": {"input_tokens": prompt_tokens, "output_tokens": 0},
+        "usage": {"input_tokens": len(run.prompt_ids), "output_tokens": 0},
     }
     yield _event("message_start", {"message": message})
     index, open_kind, first = -1, None, True
@@ -189,7 +186,7 @@ async def _stream(state, outputs, stream, prompt_tokens: int, mid: str) -> Async
         return _event("content_block_delta", {"index": index, "delta": payload})
 
     try:
-        async for _, reply_events, _ in follow(state.engine, outputs, [stream]):
+        async for _, reply_events, _ in follow(state.engine, run):
             if first:
                 state.metrics.first_token(time.perf_counter() - start)
                 first = False
@@ -215,7 +212,7 @@ async def _stream(state, outputs, stream, prompt_tokens: int, mid: str) -> Async
                             "message_delta",
                             {
                                 "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
-                                "usage": {"output_tokens": len(stream.token_ids)},
+                                "usage": {"output_tokens": run.completion_tokens},
                             },
                         )
                     )

@@ -9,8 +9,9 @@ after the generation prompt (the model then completes a call), which needs no co
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from mmx.chat.formats import ChatSetup
@@ -113,14 +114,35 @@ def prepare_chat(
     return PreparedChat(tokenizer.encode(text + prefix), params, offered, prefix, inline_reasoning)
 
 
-async def follow(
-    engine, outputs: AsyncIterator[RequestOutput], streams: list[ReplyStream]
-) -> AsyncIterator[tuple[int, list[ReplyEvent], list]]:
-    """Feed a request's outputs (from ``engine.generate``) to its samples' reply streams. Yields (sample index,
-    events, log-probs of the tokens those events came from) as they happen; a sample whose stream finds a stop
-    string is ended in the engine. Returns once every stream is done (leaving ``outputs`` aborts what is left)."""
+@dataclass
+class Run:
+    """One prompt in generation: the engine's outputs for it and a reply stream per sample."""
+
+    request_id: str
+    prompt_ids: list[int]
+    outputs: AsyncIterator[RequestOutput]
+    streams: list[ReplyStream]
+    number: int = 0  # the prompt's position in a request of several (completions)
+    echo: str = ""  # prompt text returned before the completion (completions' echo)
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(len(s.token_ids) for s in self.streams)
+
+
+def start_run(engine, prompt_ids: list[int], params: SamplingParams, request_id: str, streams, **fields) -> Run:
+    """Hand a prompt to the engine, which refuses a bad request here, before any response has started."""
+    return Run(request_id, prompt_ids, engine.generate(prompt_ids, params, request_id), streams, **fields)
+
+
+async def follow(engine, run: Run) -> AsyncIterator[tuple[int, list[ReplyEvent], list]]:
+    """Feed a run's outputs to its samples' reply streams. Yields (sample index, events, log-probs of the tokens
+    those events came from) as they happen; a sample whose stream finds a stop string is ended in the engine.
+    Returns once every stream is done (closing the outputs aborts whatever is left of the request)."""
+    streams = run.streams
     try:
-        async for out in outputs:
+        async for out in run.outputs:
             for sample in out.outputs:
                 stream = streams[sample.index]
                 if stream.done:
@@ -136,10 +158,10 @@ async def follow(
             if all(s.done for s in streams):
                 return
     finally:
-        await outputs.aclose()  # an unfinished request is aborted and its cache freed
+        await run.outputs.aclose()  # an unfinished request is aborted and its cache freed
 
 
-async def run_to_end(engine, outputs: AsyncIterator[RequestOutput], streams: list[ReplyStream]) -> None:
-    """:func:`follow` without streaming: the streams hold the finished replies afterwards."""
-    async for _ in follow(engine, outputs, streams):
+async def run_to_end(engine, run: Run) -> None:
+    """:func:`follow` without streaming: the run's streams hold the finished replies afterwards."""
+    async for _ in follow(engine, run):
         pass

@@ -7,7 +7,6 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -15,7 +14,7 @@ from fastapi.responses import StreamingResponse
 
 from mmx.chat.reply import ContentDelta, Finish, ReasoningDelta, ReplyEvent, ReplyStream, ToolCallStart
 from mmx.engine.sampling_params import SamplingParams
-from mmx.serve.chat import RequestError, follow, prepare_chat, run_to_end
+from mmx.serve.chat import RequestError, Run, follow, prepare_chat, run_to_end, start_run
 from mmx.serve.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 
 router = APIRouter()
@@ -136,19 +135,13 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         template_kwargs=body.chat_template_kwargs,
         inline_reasoning=mode == "append_think",
     )
-    rid = f"chatcmpl-{uuid.uuid4().hex}"
-    outputs = state.engine.generate(prepared.prompt_ids, prepared.params, rid)  # refuses a bad request here
     streams = prepared.reply_streams(state.tokenizer, state.chat)
-    created = int(time.time())
+    run = start_run(state.engine, prepared.prompt_ids, prepared.params, f"chatcmpl-{uuid.uuid4().hex}", streams)
     state.metrics.request_started("chat")
     if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(
-            _chat_stream(state, outputs, streams, len(prepared.prompt_ids), rid, created, include_usage, body),
-            media_type="text/event-stream",
-        )
+        return StreamingResponse(_chat_stream(state, run, body), media_type="text/event-stream")
     start = time.perf_counter()
-    await run_to_end(state.engine, outputs, streams)
+    await run_to_end(state.engine, run)
     state.metrics.request_finished("chat", time.perf_counter() - start)
     choices = []
     for index, stream in enumerate(streams):
@@ -163,17 +156,22 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
             choice["token_ids"] = stream.token_ids
         choices.append(choice)
     return {
-        "id": rid,
+        "id": run.request_id,
         "object": "chat.completion",
-        "created": created,
+        "created": run.created,
         "model": state.model_name,
         "choices": choices,
-        "usage": usage(len(prepared.prompt_ids), sum(len(s.token_ids) for s in streams)),
+        "usage": usage(len(run.prompt_ids), run.completion_tokens),
     }
 
 
-async def _chat_stream(state, outputs, streams, prompt_tokens, rid, created, include_usage, body) -> AsyncIterator[str]:
-    base = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": state.model_name}
+def _include_usage(body) -> bool:
+    return bool(body.stream_options and body.stream_options.include_usage)
+
+
+async def _chat_stream(state, run: Run, body: ChatCompletionRequest) -> AsyncIterator[str]:
+    base = {"id": run.request_id, "object": "chat.completion.chunk", "created": run.created, "model": state.model_name}
+    streams = run.streams
 
     def chunk(index: int, delta: dict, finish: str | None = None, logprobs=None, token_ids=None) -> str:
         choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
@@ -186,7 +184,7 @@ async def _chat_stream(state, outputs, streams, prompt_tokens, rid, created, inc
     try:
         for i in range(len(streams)):
             yield chunk(i, {"role": "assistant", "content": ""})
-        async for index, events, logprobs in follow(state.engine, outputs, streams):
+        async for index, events, logprobs in follow(state.engine, run):
             if first_token:
                 state.metrics.first_token(time.perf_counter() - start)
                 first_token = False
@@ -204,8 +202,8 @@ async def _chat_stream(state, outputs, streams, prompt_tokens, rid, created, inc
                     pending = None
             if pending is not None:
                 yield chunk(index, {}, logprobs=pending)
-        if include_usage:
-            yield sse({**base, "choices": [], "usage": usage(prompt_tokens, sum(len(s.token_ids) for s in streams))})
+        if _include_usage(body):
+            yield sse({**base, "choices": [], "usage": usage(len(run.prompt_ids), run.completion_tokens)})
         state.metrics.request_finished("chat", time.perf_counter() - start)
     except (RequestError, ValueError, RuntimeError) as e:
         state.metrics.request_failed("chat")
@@ -257,43 +255,27 @@ def completion_logprobs(tokenizer, entries, offset: int) -> dict | None:
     }
 
 
-@dataclass
-class _CompletionRun:
-    """One prompt of a completions request: its outputs from the engine and a reply stream per sample."""
-
-    number: int  # the prompt's position in the request
-    prompt_text: str  # what echo prints
-    prompt_ids: list[int]
-    outputs: AsyncIterator
-    streams: list[ReplyStream]
-
-
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request):
     state = request.app.state.mmx
     check_model(state, body.model)
     rid = f"cmpl-{uuid.uuid4().hex}"
     params = sampling_params(body, body.max_tokens, body.logprobs)
-    runs = []
+    runs: list[Run] = []
     try:
         for i, (text, ids) in enumerate(_prompts(state, body.prompt)):
-            outputs = state.engine.generate(ids, params, f"{rid}-{i}")  # refuses a bad prompt here
             streams = [ReplyStream.for_params(state.tokenizer, params) for _ in range(params.n)]
             echo = (text if text is not None else state.tokenizer.decode(ids)) if body.echo else ""
-            runs.append(_CompletionRun(i, echo, ids, outputs, streams))
+            runs.append(start_run(state.engine, ids, params, f"{rid}-{i}", streams, number=i, echo=echo))
     except Exception:
         for run in runs:  # the prompts before the bad one never started: close their streams
             await run.outputs.aclose()
         raise
-    created = int(time.time())
     state.metrics.request_started("completions")
     if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(
-            _completion_stream(state, body, runs, rid, created, include_usage), media_type="text/event-stream"
-        )
+        return StreamingResponse(_completion_stream(state, body, rid, runs), media_type="text/event-stream")
     start = time.perf_counter()
-    await asyncio.gather(*(run_to_end(state.engine, r.outputs, r.streams) for r in runs))
+    await asyncio.gather(*(run_to_end(state.engine, r) for r in runs))
     state.metrics.request_finished("completions", time.perf_counter() - start)
     choices = []
     for r in runs:
@@ -301,9 +283,9 @@ async def completions(body: CompletionRequest, request: Request):
             choices.append(
                 {
                     "index": r.number * body.n + index,
-                    "text": r.prompt_text + stream.text,
+                    "text": r.echo + stream.text,
                     "logprobs": completion_logprobs(
-                        state.tokenizer, stream.logprobs if body.logprobs is not None else None, len(r.prompt_text)
+                        state.tokenizer, stream.logprobs if body.logprobs is not None else None, len(r.echo)
                     ),
                     "finish_reason": stream.finish_reason,
                     "stop_reason": stream.stop_reason,
@@ -312,28 +294,28 @@ async def completions(body: CompletionRequest, request: Request):
     return {
         "id": rid,
         "object": "text_completion",
-        "created": created,
+        "created": runs[0].created,
         "model": state.model_name,
         "choices": choices,
         "usage": _completion_usage(runs),
     }
 
 
-def _completion_usage(runs: list[_CompletionRun]) -> dict:
-    return usage(sum(len(r.prompt_ids) for r in runs), sum(len(s.token_ids) for r in runs for s in r.streams))
+def _completion_usage(runs: list[Run]) -> dict:
+    return usage(sum(len(r.prompt_ids) for r in runs), sum(r.completion_tokens for r in runs))
 
 
-async def _completion_stream(state, body, runs, rid, created, include_usage) -> AsyncIterator[str]:
-    base = {"id": rid, "object": "text_completion", "created": created, "model": state.model_name}
+async def _completion_stream(state, body: CompletionRequest, rid: str, runs: list[Run]) -> AsyncIterator[str]:
+    base = {"id": rid, "object": "text_completion", "created": runs[0].created, "model": state.model_name}
 
     def choice(index: int, text: str, logprobs=None, finish: str | None = None) -> str:
         return sse({**base, "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}]})
 
     queue: asyncio.Queue = asyncio.Queue()
 
-    async def pump(run: _CompletionRun):
+    async def pump(run: Run):
         try:
-            async for item in follow(state.engine, run.outputs, run.streams):
+            async for item in follow(state.engine, run):
                 await queue.put((run, *item))
         except Exception as e:
             await queue.put(e)
@@ -348,7 +330,7 @@ async def _completion_stream(state, body, runs, rid, created, include_usage) -> 
         if body.echo:
             for r in runs:
                 for index in range(body.n):
-                    yield choice(r.number * body.n + index, r.prompt_text)
+                    yield choice(r.number * body.n + index, r.echo)
         while remaining:
             item = await queue.get()
             if item is None:
@@ -360,11 +342,11 @@ async def _completion_stream(state, body, runs, rid, created, include_usage) -> 
             key = (run.number, index)
             text = "".join(ev.text for ev in events if isinstance(ev, ContentDelta))
             finish = next((ev.reason for ev in events if isinstance(ev, Finish)), None)
-            offset = len(run.prompt_text) + sent.get(key, 0)
+            offset = len(run.echo) + sent.get(key, 0)
             lps = completion_logprobs(state.tokenizer, logprobs, offset) if body.logprobs is not None else None
             yield choice(run.number * body.n + index, text, lps, finish)
             sent[key] = sent.get(key, 0) + len(text)
-        if include_usage:
+        if _include_usage(body):
             yield sse({**base, "choices": [], "usage": _completion_usage(runs)})
         state.metrics.request_finished("completions", time.perf_counter() - start)
     except Exception as e:
