@@ -41,10 +41,12 @@ def test_demo_solves_problems_through_the_whole_stack():
     )
     assert out.returncode == 0, out.stderr
     text = out.stdout
-    assert "layers LLLS (L lightning, S softmax), MoE 4 experts top-2" in text
+    assert "layers LSLS (L lightning, S softmax), MoE 4 experts top-2" in text
     assert text.count("with the calculator tool:") == 2 and text.count("without tools:") == 2
     assert 'tool call calculator({"expression": ' in text and "thinking" in text and "answer" in text
     assert "tokens generated in" in text and "tokens/s" in text
+    # every answer names the item the question counts (the demo grades number and item)
+    assert "the item (expected" not in text and "solved 2/2 with the tool" in text
 
 
 def _checkpoint_with_tokenizer(tmp_path, tokenizer):
