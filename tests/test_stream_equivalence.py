@@ -5,8 +5,10 @@ string never leaks into a stream, even in part."""
 from __future__ import annotations
 
 import json
+import time
 
 import anthropic
+import httpx
 import openai
 import pytest
 
@@ -125,3 +127,24 @@ def test_anthropic_stream_equals_whole(tiny_server, stop):
     assert blocks(streamed) == blocks(whole)
     assert (streamed.stop_reason, streamed.stop_sequence) == (whole.stop_reason, whole.stop_sequence)
     assert streamed.usage.output_tokens == whole.usage.output_tokens
+
+
+def test_n_samples_each_ended_by_its_own_stop_string(client, tiny_server):
+    """n = 3 seeded samples, each cut at its first newline while the others go on: streamed == whole, per choice,
+    and the engine ends every sample (nothing left running)."""
+    kwargs = {"model": "mmx-tiny", "messages": MESSAGES, "n": 3, "seed": 5, "temperature": 1.0, "stop": ["\n"]}
+    whole = client.chat.completions.create(**kwargs, max_tokens=64)
+    streamed = {i: "" for i in range(3)}
+    finish = {}
+    for chunk in client.chat.completions.create(**kwargs, max_tokens=64, stream=True):
+        for choice in chunk.choices:
+            streamed[choice.index] += getattr(choice.delta, "reasoning_content", None) or ""
+            finish[choice.index] = choice.finish_reason or finish.get(choice.index)
+    for choice in whole.choices:
+        assert choice.finish_reason == "stop" and "\n" not in choice.message.reasoning_content
+        assert streamed[choice.index] == choice.message.reasoning_content and finish[choice.index] == "stop"
+    for _ in range(50):  # the last stop lands in the engine between steps
+        if "mmx_requests_running 0" in httpx.get(f"{tiny_server}/metrics").text:
+            break
+        time.sleep(0.05)
+    assert "mmx_requests_running 0" in httpx.get(f"{tiny_server}/metrics").text
