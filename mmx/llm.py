@@ -124,26 +124,21 @@ class LLM:
     def _run(
         self, runs: list[tuple[str | list[int], SamplingParams, StreamFactory | None]], use_tqdm: bool, chat=False
     ) -> list[RequestOutput]:
+        if self.tokenizer is None and any(isinstance(prompt, str) or p.stop for prompt, p, _ in runs):
+            raise ValueError("text prompts and stop strings need a tokenizer (pass token ids, or give LLM one)")
         order, texts, streams = [], {}, {}
-        for prompt, p, factory in runs:
-            if isinstance(prompt, str):
-                if self.tokenizer is None:
-                    raise ValueError("a text prompt needs a tokenizer; pass token ids or load one with the model")
-                text, ids = prompt, self.tokenizer.encode(prompt)
-            else:
-                text, ids = None, prompt
-            if factory is None and p.stop:
-                raise ValueError("stop strings need a tokenizer")
-            request_id = f"gen-{next(self._ids)}"
-            self.engine.add_request(request_id, ids, p)
-            order.append(request_id)
-            texts[request_id] = text
-            if factory is not None:
-                for i in range(p.n):
-                    streams[request_id, i] = factory(p)
         done: dict[str, RequestOutput] = {}
-        bar = tqdm(total=len(order), desc="generating", unit="req", disable=not use_tqdm)
+        bar = tqdm(total=len(runs), desc="generating", unit="req", disable=not use_tqdm)
         try:
+            for prompt, p, factory in runs:
+                text, ids = (prompt, self.tokenizer.encode(prompt)) if isinstance(prompt, str) else (None, prompt)
+                request_id = f"gen-{next(self._ids)}"
+                self.engine.add_request(request_id, ids, p)
+                order.append(request_id)
+                texts[request_id] = text
+                if factory is not None:
+                    for i in range(p.n):
+                        streams[request_id, i] = factory(p)
             while self.engine.has_unfinished_requests():
                 for out in self.engine.step():
                     if streams:
@@ -151,7 +146,7 @@ class LLM:
                     if out.finished:
                         done[out.request_id] = out
                         bar.update(1)
-        finally:
+        finally:  # an error (a refused prompt, an interrupt) leaves nothing of this call in the engine
             bar.close()
             for request_id in order:
                 if request_id not in done:

@@ -252,3 +252,13 @@ def test_async_streaming_and_client_abort():
 
 def test_public_api():
     assert mmx.LLM is LLM and mmx.SamplingParams is SamplingParams
+
+
+def test_a_refused_prompt_leaves_nothing_of_the_call_in_the_engine():
+    llm = LLM(tiny_model("tiny-m1"), max_model_len=64)
+    with pytest.raises(ValueError, match="max_model_len"):
+        llm.generate([[1, 2, 3], list(range(64))], SamplingParams(max_tokens=4), use_tqdm=False)
+    assert not llm.engine.has_unfinished_requests()
+    assert llm.engine.cache.num_free_slots == llm.engine.cache.layout.num_slots
+    with pytest.raises(ValueError, match="tokenizer"):
+        llm.generate("text needs a tokenizer", use_tqdm=False)
