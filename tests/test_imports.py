@@ -254,20 +254,17 @@ def cycles(g: dict[str, dict[str, Edge]]) -> list[list[Edge]]:
 
 
 def _shortest_cycle(g: dict[str, dict[str, Edge]], group: set[str]) -> list[Edge]:
+    """The shortest cycle through the group's first module: one edge out of it, then the shortest way back."""
     start = min(group)
-    paths = {start: []}
-    frontier = [start]
-    while frontier:
-        following = []
-        for v in frontier:
-            for w, edge in sorted(g.get(v, {}).items()):
-                if w == start:
-                    return [*paths[v], edge]
-                if w in group and w not in paths:
-                    paths[w] = [*paths[v], edge]
-                    following.append(w)
-        frontier = following
-    raise AssertionError(f"no cycle through {start} in its strongly connected group")
+    inside = {v: {w: e for w, e in g.get(v, {}).items() if w in group} for v in group}
+    cycles = []
+    for w, first in sorted(inside[start].items()):
+        back = [] if w == start else reaches(inside, w, lambda name: name == start)
+        if back is not None:
+            cycles.append([first, *back])
+    if not cycles:
+        raise AssertionError(f"no cycle through {start} in its strongly connected group")
+    return min(cycles, key=len)
 
 
 def reaches(g: dict[str, dict[str, Edge]], source: str, forbidden: Callable[[str], bool]) -> list[Edge] | None:
