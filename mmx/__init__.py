@@ -18,6 +18,7 @@ _EXPORTS = {
     "EngineArgs": "mmx.engine.args",
     "LLMEngine": "mmx.engine.llm_engine",
     "SamplingParams": "mmx.engine.sampling_params",
+    "StructuredOutputsParams": "mmx.engine.structured",
     "CheckpointError": "mmx.model",
     "DenseCache": "mmx.model",
     "MiniMaxForCausalLM": "mmx.model",
@@ -37,6 +38,7 @@ __all__ = [
     "MiniMaxConfig",
     "MiniMaxForCausalLM",
     "SamplingParams",
+    "StructuredOutputsParams",
     "greedy_generate",
     "load_model",
     "save_model",
@@ -45,6 +47,7 @@ __all__ = [
 if TYPE_CHECKING:  # type checkers and IDEs see the real objects
     from mmx.config import ConfigError, MiniMaxConfig
     from mmx.engine import AsyncLLM, EngineArgs, LLMEngine, SamplingParams
+    from mmx.engine.structured import StructuredOutputsParams
     from mmx.llm import LLM
     from mmx.model import CheckpointError, DenseCache, MiniMaxForCausalLM, greedy_generate, load_model, save_model
 

@@ -238,15 +238,7 @@ class MiniMaxConfig:
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, strict: bool = False) -> MiniMaxConfig:
         """Read ``config.json`` from a checkpoint directory (or the file itself)."""
-        file = os.path.join(path, "config.json") if os.path.isdir(path) else os.fspath(path)
-        if not os.path.exists(file):
-            raise FileNotFoundError(f"no config.json in {os.fspath(path)!r}")
-        with open(file, encoding="utf-8") as f:
-            try:
-                data = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ConfigError("config.json", f"{file} is not valid JSON: {e}") from e
-        return cls.from_dict(data, strict=strict)
+        return cls.from_dict(read_config_file(path), strict=strict)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], strict: bool = False) -> MiniMaxConfig:
@@ -318,6 +310,18 @@ class MiniMaxConfig:
         )
 
 
+def read_config_file(path: str | os.PathLike) -> Any:
+    """The JSON of ``config.json`` in a checkpoint directory (or of the file itself), not yet interpreted."""
+    file = os.path.join(path, "config.json") if os.path.isdir(path) else os.fspath(path)
+    if not os.path.exists(file):
+        raise FileNotFoundError(f"no config.json in {os.fspath(path)!r}")
+    with open(file, encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError("config.json", f"{file} is not valid JSON: {e}") from e
+
+
 def default_layer_types(architecture: str, num_layers: int) -> list[str]:
     if architecture == ARCH_M2:
         return [FULL] * num_layers
@@ -354,18 +358,21 @@ _RESIDUAL_NAMES = {
     "mlp_beta_factor": "layernorm_mlp_beta",
 }
 _OFFICIAL_NAMES = {"layer_types": "attn_type_list", **_RESIDUAL_NAMES}
-# Size keys, read as they are (validation, not a cast, rejects a bad one), with their defaults in the M1 dialects
-# (configuration_minimax_m1.py class defaults; transformers' MiniMaxConfig uses the same ones).
-_M1_SIZES = {
-    "vocab_size": 32000,
-    "hidden_size": 4096,
-    "intermediate_size": 14336,
-    "num_hidden_layers": 32,
-    "num_attention_heads": 32,
-    "max_position_embeddings": 4096 * 32,
-    "num_local_experts": 8,
-    "num_experts_per_tok": 2,
-}
+# Keys that fix the shapes of the model's tensors. The reference code of every dialect has defaults for them, but
+# those describe some other model (a config without hidden_size would build a 4096-wide one), and every real
+# config.json carries them (transformers writes all its fields), so a file without one is refused, naming it.
+REQUIRED_KEYS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_local_experts",  # or its alias num_experts
+)
+# Size keys with defaults (a context length, the experts per token), read as they are (validation, not a cast,
+# rejects a bad one). In the M1 dialects: configuration_minimax_m1.py's class defaults, which transformers'
+# MiniMaxConfig shares.
+_M1_SIZES = {"max_position_embeddings": 4096 * 32, "num_experts_per_tok": 2}
 # Keys every dialect reads with the same default; a default's type is the type the value is cast to.
 _COMMON_KNOBS: dict[str, Any] = {
     "hidden_act": "silu",
@@ -379,7 +386,8 @@ _COMMON_KNOBS: dict[str, Any] = {
     "lightning_norm_eps": 1e-6,
 }
 # Fields every written file carries; lightning_norm_eps is written only when it is not the default (to_dict).
-_ALWAYS_WRITTEN = {*_M1_SIZES, "num_key_value_heads", "head_dim", "rotary_dim", *_COMMON_KNOBS} - {"lightning_norm_eps"}
+_ALWAYS_WRITTEN = {*REQUIRED_KEYS, *_M1_SIZES, "num_key_value_heads", "head_dim", "rotary_dim", *_COMMON_KNOBS}
+_ALWAYS_WRITTEN -= {"lightning_norm_eps"}
 # Features no MiniMax model has, written switched off so that other readers do not assume their own defaults.
 _SWITCHED_OFF = {"attention_dropout": 0.0, "sliding_window": None}
 
@@ -393,7 +401,7 @@ class _Dialect:
     dialect: str | None  # None: decided per file, as M2 files come in both dialects
     model_types: tuple[str, ...]  # model_type values that select this layout
     marker: str | None  # the key that selects it in a file without model_type
-    sizes: dict[str, Any]  # defaults of the size keys, those of _M1_SIZES
+    sizes: dict[str, Any]  # defaults of the size keys that have one, those of _M1_SIZES
     knobs: dict[str, Any]  # defaults of its other keys, each also written; the default's type is the key's type
     lightning_slopes: str  # the schedule its code uses; written only when the config differs
     rope_theta: float
@@ -457,16 +465,7 @@ _M2 = _Dialect(
     dialect=None,
     model_types=M2_MODEL_TYPES,
     marker=None,
-    sizes={  # transformers' MiniMaxM2Config defaults (the real M2 sizes)
-        "vocab_size": 200064,
-        "hidden_size": 3072,
-        "intermediate_size": 1536,
-        "num_hidden_layers": 62,
-        "num_attention_heads": 48,
-        "max_position_embeddings": 196608,
-        "num_local_experts": 256,
-        "num_experts_per_tok": 8,
-    },
+    sizes={"max_position_embeddings": 196608, "num_experts_per_tok": 8},  # transformers' MiniMaxM2Config defaults
     knobs={
         "rms_norm_eps": 1e-6,
         "postnorm": False,
@@ -640,11 +639,15 @@ def _read_residual_factors(r: _Reader) -> dict[str, float]:
 
 
 def _read_sizes(r: _Reader, defaults: dict[str, Any]) -> dict[str, Any]:
-    out = {key: r.get(key, default) for key, default in defaults.items() if key != "num_local_experts"}
+    for key in REQUIRED_KEYS:
+        if not r.has(key) and not (key == "num_local_experts" and r.has("num_experts")):
+            raise ConfigError(key, "is missing; it fixes the model's tensor shapes, so mmx does not assume a default")
+    out = {key: r.get(key) for key in REQUIRED_KEYS if key != "num_local_experts"}
+    out.update({key: r.get(key, default) for key, default in defaults.items()})
     experts, alias = r.get("num_local_experts"), r.get("num_experts")
     if experts is not None and alias is not None:
         _check_agree("num_experts", alias, "num_local_experts", experts)
-    out["num_local_experts"] = experts if experts is not None else (alias or defaults["num_local_experts"])
+    out["num_local_experts"] = experts if experts is not None else alias
     out["num_key_value_heads"] = r.get("num_key_value_heads", out["num_attention_heads"])
     head_dim = r.get("head_dim")
     out["head_dim"] = derive_head_dim(out["hidden_size"], out["num_attention_heads"]) if head_dim is None else head_dim

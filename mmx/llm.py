@@ -8,6 +8,7 @@ and for chats the reasoning and tool-call parsing), and ends a sample in the eng
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 from collections.abc import Callable
@@ -15,12 +16,14 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from mmx.chat.formats import chat_for
+from mmx.chat.constraints import answer_start
+from mmx.chat.formats import ChatFormat, chat_for
 from mmx.chat.reply import ReplyStream
 from mmx.chat.tokenizer import Tokenizer
 from mmx.engine.llm_engine import EngineArgs, LLMEngine
 from mmx.engine.outputs import RequestOutput
 from mmx.engine.sampling_params import SamplingParams
+from mmx.engine.structured import ReasoningGate
 from mmx.model.modeling import MiniMaxForCausalLM
 from mmx.model.weights import load_model, resolve_model_path
 
@@ -40,8 +43,13 @@ def load_engine(model: str, **engine_args: Any) -> tuple[LLMEngine, Tokenizer | 
         raise TypeError(f"unknown engine argument(s): {', '.join(sorted(rest))}")
     directory = resolve_model_path(model)
     tokenizer = load_tokenizer(directory)
-    network = load_model(directory, dtype=args.dtype, device=args.device)
-    return LLMEngine(network, args, _eos_ids(tokenizer)), tokenizer
+    network = load_model(
+        directory, dtype=args.dtype, device=args.device, allow_non_finite_weights=args.allow_non_finite_weights
+    )
+    engine = LLMEngine(network, args, _eos_ids(tokenizer))
+    if tokenizer is not None:  # structured outputs compile their grammars against it
+        engine.enable_structured_outputs(tokenizer.backend.to_str())
+    return engine, tokenizer
 
 
 def _eos_ids(tokenizer: Tokenizer | None) -> list[int]:
@@ -60,6 +68,8 @@ class LLM:
             self.engine, loaded = load_engine(model, **engine_args)
             self.tokenizer = tokenizer or loaded
             self.engine.eos_token_ids = sorted({*self.engine.eos_token_ids, *_eos_ids(self.tokenizer)})
+        if self.tokenizer is not None:
+            self.engine.enable_structured_outputs(self.tokenizer.backend.to_str())
         self._ids = itertools.count()
 
     # ------------------------------------------------------------------ public
@@ -103,6 +113,7 @@ class LLM:
                 conversation, tools=conv_tools, chat_template=setup.template, add_generation_prompt=True,
                 **template_kwargs,
             )
+            p = self._answer_constrained(p, prompt, setup.format)
 
             def stream(p: SamplingParams, conv_tools=conv_tools) -> ReplyStream:
                 return ReplyStream.for_params(self.tokenizer, p, setup.format, tools=conv_tools)
@@ -111,6 +122,18 @@ class LLM:
         return self._run(runs, use_tqdm, chat=True)
 
     # ------------------------------------------------------------------ machinery
+    def _answer_constrained(self, p: SamplingParams, prompt: str, format: ChatFormat) -> SamplingParams:
+        """A chat's structured-output constraint holds its answer: it starts after the reasoning (unless the
+        caller placed it)."""
+        constraint = p.structured_outputs
+        if constraint is None or constraint.reasoning is not None:
+            return p
+        start = answer_start(self.tokenizer, format, self.tokenizer.encode(prompt))
+        if start is None:
+            return p
+        placed = dataclasses.replace(constraint, reasoning=ReasoningGate(*start))
+        return dataclasses.replace(p, structured_outputs=placed)
+
     @staticmethod
     def _params_for(sampling_params, count: int) -> list[SamplingParams]:
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * count

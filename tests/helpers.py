@@ -25,6 +25,13 @@ def free_port() -> int:
 def running(command: list[str], port: int) -> Iterator[str]:
     """Run ``command`` (a server listening on ``port``) until its /health answers 200, yield its base URL, and stop it
     afterwards; a server that exits or is not up within 90 s raises with its output."""
+    with running_process(command, port) as (url, _):
+        yield url
+
+
+@contextlib.contextmanager
+def running_process(command: list[str], port: int) -> Iterator[tuple[str, subprocess.Popen]]:
+    """:func:`running`, yielding the process too (to signal it)."""
     env = {**os.environ, "MMX_LOG_LEVEL": "WARNING", "PYTHONPATH": os.getcwd()}
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
@@ -38,7 +45,7 @@ def running(command: list[str], port: int) -> Iterator[str]:
             if proc.poll() is not None or time.time() > deadline:
                 raise RuntimeError(f"server did not start:\n{proc.stdout.read()}")
             time.sleep(0.2)
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{port}", proc
     finally:
         proc.terminate()
         try:

@@ -14,7 +14,7 @@ import pytest
 
 from mmx.agent import Agent, AnthropicClient, OpenAIClient, Tool, Workspace, default_tools
 from mmx.agent.tools import validate
-from mmx.sandbox import isolation_available
+from mmx.sandbox import bwrap, sandbox_available
 
 
 # ---------------------------------------------------------------------------------------------------- scripted endpoint
@@ -309,22 +309,47 @@ def test_paths_outside_the_work_directory_are_refused(workspace, tmp_path):
     assert call(workspace, "read_file", path="sub/new.txt") == "ok"
 
 
+def test_file_tools_follow_inside_symlinks_and_refuse_special_files(workspace, tmp_path):
+    work = tmp_path / "work"
+    (work / "docs").mkdir()
+    (work / "docs" / "a.txt").write_text("alpha")
+    (work / "alias").symlink_to("docs/a.txt")  # relative, stays inside
+    (work / "absolute").symlink_to(work / "docs")  # absolute, under the work directory
+    (work / "loop").symlink_to("loop")
+    os.mkfifo(work / "fifo")
+    assert call(workspace, "read_file", path="alias") == "alpha"
+    assert call(workspace, "read_file", path="absolute/../docs/a.txt") == "alpha"
+    assert call(workspace, "read_file", path=str(work / "docs" / "a.txt")) == "alpha"
+    assert call(workspace, "write_file", path="absolute/b.txt", content="beta") == "wrote 4 characters to docs/b.txt"
+    assert call(workspace, "list_files", path="docs") == "a.txt\nb.txt"
+    assert call(workspace, "list_files") == "absolute\nalias\ndocs/\nfifo\nlink\nloop"
+    assert "is not a file" in call(workspace, "read_file", path="fifo")  # and does not hang on the FIFO
+    assert "is not a file" in call(workspace, "write_file", path="fifo", content="x")
+    assert "is a directory" in call(workspace, "write_file", path="docs", content="x")
+    assert "error" in call(workspace, "read_file", path="loop")
+    assert "does not exist" in call(workspace, "read_file", path="docs/missing.txt")
+    assert "outside the work directory" in call(workspace, "read_file", path="docs/../../secret.txt")
+
+
+@pytest.mark.skipif(not sandbox_available(), reason="bubblewrap cannot run here")
 def test_python_is_confined_and_time_limited(workspace, tmp_path):
-    out = call(workspace, "run_python", code=f"open({str(tmp_path / 'secret.txt')!r}, 'w').write('gone')")
-    assert out.startswith("[exit code 1]") and "PermissionError" in out
+    # the host's tmp_path is not in the sandbox: this lands in the sandbox's own /tmp, thrown away with it
+    call(workspace, "run_python", code=f"open({str(tmp_path / 'secret.txt')!r}, 'w').write('gone')")
+    out = call(workspace, "run_python", code="open('/etc/mmx-agent-test', 'w').write('gone')")
+    assert out.startswith("[exit code 1]") and "PermissionError" in out  # the guard, before the read-only mount
     assert call(workspace, "run_python", code="while True: pass", timeout=1).startswith("[timed out]")
     assert call(workspace, "run_python", code="import socket").startswith("[exit code 1]")
     assert (tmp_path / "secret.txt").read_text() == "keep"
 
 
-@pytest.mark.skipif(not isolation_available(), reason="kernel namespaces are not available here")
+@pytest.mark.skipif(not sandbox_available(), reason="bubblewrap cannot run here")
 def test_shell_is_confined_time_limited_and_offline(workspace, tmp_path):
     out = call(
         workspace,
         "run_shell",
         command=f"echo gone > {tmp_path / 'secret.txt'}; rm -f {tmp_path / 'secret.txt'}; echo x > inside.txt",
     )
-    assert "Read-only file system" in out
+    assert out.startswith("[exit code 0]")  # the host's tmp_path is not there: it wrote to the sandbox's own /tmp
     assert (tmp_path / "secret.txt").read_text() == "keep" and (tmp_path / "work" / "inside.txt").exists()
     assert call(workspace, "run_shell", command="while true; do :; done", timeout=1).startswith("[timed out]")
     offline = call(
@@ -335,10 +360,39 @@ def test_shell_is_confined_time_limited_and_offline(workspace, tmp_path):
     assert "exit code 1" in offline and ("unreachable" in offline or "Errno" in offline)
 
 
-def test_unconfined_shell_is_refused_without_namespaces(tmp_path):
+def test_running_code_is_refused_without_bubblewrap_unless_unsafe(monkeypatch, tmp_path):
+    monkeypatch.setattr(bwrap, "find", lambda: None)
     ws = Workspace(str(tmp_path))
-    ws._isolated = False
-    assert "unavailable" in call(ws, "run_shell", command="true")
+    for name, arguments in (("run_shell", {"command": "true"}), ("run_python", {"code": "print(1)"})):
+        refused = call(ws, name, **arguments)
+        assert "running code is unavailable" in refused and "apt-get install bubblewrap" in refused
+        assert "--unsafe-no-sandbox" in refused
+    unsafe = Workspace(str(tmp_path), allow_unsandboxed=True)
+    assert call(unsafe, "run_shell", command="echo hi") == "[exit code 0]\nstdout:\nhi"
+
+
+def test_cli_unsafe_flag_reaches_the_workspace(monkeypatch, tmp_path):
+    import argparse
+
+    from mmx.cli import agent as agent_cli
+
+    parser = argparse.ArgumentParser()
+    agent_cli.add_parser(parser.add_subparsers())
+    args = parser.parse_args(["agent", "hi", "--workdir", str(tmp_path), "--unsafe-no-sandbox", "--quiet"])
+    assert args.unsafe_no_sandbox and not parser.parse_args(["agent", "hi"]).unsafe_no_sandbox
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def capture(client, tools, workspace, **kwargs):
+        seen["workspace"] = workspace
+        raise Stop
+
+    monkeypatch.setattr("mmx.agent.Agent", capture)
+    with pytest.raises(Stop):
+        agent_cli.run(args)
+    assert seen["workspace"].allow_unsandboxed
 
 
 def test_schema_validation():

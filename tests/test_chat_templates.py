@@ -146,6 +146,25 @@ def test_m1_template_reproduces_the_example():
     )
 
 
+def test_m1_template_adds_no_system_block_of_its_own():
+    """The official M1 template emits a system block only for system text the conversation gives (no default
+    ``ai_setting=assistant`` / "You are a helpful assistant.")."""
+    user = {"role": "user", "content": "hi"}
+    expected = "<begin_of_document><beginning_of_sentence>user name=user\nhi<end_of_sentence>\n"
+    expected += "<beginning_of_sentence>ai name=assistant\n"
+    template = builtin_template("minimax_m1")
+    assert render_chat(template, [user], add_generation_prompt=True) == expected
+    assert render_chat(template, [{"role": "system", "content": ""}, user], add_generation_prompt=True) == expected
+    with_tools = render_chat(template, [user], tools=[WEATHER], add_generation_prompt=True)
+    assert with_tools.startswith("<begin_of_document><beginning_of_sentence>system tool_setting=tools\n")
+    assert "ai_setting" not in with_tools
+    system = [{"role": "system", "content": "Be brief."}, user]
+    assert render_chat(template, system).startswith(
+        "<begin_of_document><beginning_of_sentence>system ai_setting=assistant\nBe brief.<end_of_sentence>\n"
+        "<beginning_of_sentence>user name=user\nhi<end_of_sentence>\n"
+    )
+
+
 # A template in the style of Hub chat templates, using what they use: namespace, loop controls, tojson with indent,
 # raise_exception, string and list content, the reasoning aliases and the generation tag.
 THIRD_PARTY = """{%- set ns = namespace(n=0) -%}

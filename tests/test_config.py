@@ -33,9 +33,12 @@ def test_official_defaults_for_absent_keys():
             "hidden_size": 64,
             "num_attention_heads": 4,
             "intermediate_size": 32,
+            "vocab_size": 100,
+            "num_local_experts": 4,
         }
     )
     assert not c.postnorm and c.head_dim == 16 and c.rotary_dim == 16 and c.mlp_alpha_factor == 1.0
+    assert c.num_key_value_heads == 4 and c.num_experts_per_tok == 2 and c.max_position_embeddings == 131072
 
 
 def test_transformers_dialect_matches_official_dialect():
@@ -65,8 +68,11 @@ def test_transformers_dialect_defaults():
             "hidden_size": 32,
             "num_attention_heads": 2,
             "intermediate_size": 16,
+            "vocab_size": 100,
+            "num_experts": 4,  # the alias transformers also reads
         }
     )
+    assert c.num_local_experts == 4
     assert c.layer_types == [S, L, S]  # transformers' alternating default, starting with softmax
     assert c.postnorm and c.lightning_slopes == "transformers" and c.rope_theta == 1e6 and c.rotary_dim == 16
 
@@ -79,6 +85,8 @@ def test_partial_rotary_from_either_key_and_contradiction():
         "num_attention_heads": 2,
         "intermediate_size": 8,
         "head_dim": 32,
+        "vocab_size": 100,
+        "num_local_experts": 2,
     }
     with_factor = MiniMaxConfig.from_dict(
         {**base, "rope_parameters": {"rope_theta": 5.0, "partial_rotary_factor": 0.5}}
@@ -170,6 +178,34 @@ def test_bad_values_name_the_key(change, key):
         MiniMaxConfig.from_dict(data)
     assert e.value.key == key
     assert repr(key) in str(e.value)
+
+
+@pytest.mark.parametrize("model_type", ["minimax_m1", "minimax", "minimax_m2"])
+@pytest.mark.parametrize(
+    "key", ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"]
+)
+def test_a_missing_size_key_is_named_not_defaulted(model_type, key):
+    """The reference code would fall back to some other model's size (hidden_size 4096 in the M1 dialects); mmx
+    refuses, naming the key, in every dialect, and also when the key is present but null."""
+    data = {**preset_dict("tiny-m1"), "model_type": model_type}
+    data.pop("attn_type_list", None)
+    for value in ("absent", None):
+        if value == "absent":
+            data.pop(key)
+        else:
+            data[key] = None
+        with pytest.raises(ConfigError, match="is missing") as e:
+            MiniMaxConfig.from_dict(data)
+        assert e.value.key == key
+
+
+def test_experts_count_is_required_under_either_name():
+    data = {**preset_dict("tiny-m1")}
+    experts = data.pop("num_local_experts")
+    with pytest.raises(ConfigError) as e:
+        MiniMaxConfig.from_dict(data)
+    assert e.value.key == "num_local_experts"
+    assert MiniMaxConfig.from_dict({**data, "num_experts": experts}).num_local_experts == experts
 
 
 def test_unknown_keys_are_kept_or_rejected_when_strict(caplog):

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from mmx.chat import parse_tool_calls, split_reasoning
-from mmx.chat.formats import M2, new_tool_call_id, tool_call_id_for
+from mmx.chat.formats import M1, M2, new_tool_call_id, tool_call_id_for
 from mmx.chat.reply import ContentDelta, Finish, ReasoningDelta, ReplyStream, ToolCallArgs, ToolCallStart
 
 TOOLS = [
@@ -99,3 +99,88 @@ def test_tool_call_ids_keep_their_random_part_across_apis():
     assert call_id.startswith("call_") and anthropic_id.startswith("toolu_")
     assert anthropic_id.removeprefix("toolu_") == call_id.removeprefix("call_")
     assert tool_call_id_for("openai", anthropic_id) == call_id
+
+
+# ---------------------------------------------------------------------------------------------------- complete calls only
+def _summary(stream: ReplyStream, events: list) -> tuple:
+    """What a client puts together from the events, next to what the finished message says."""
+    starts = {ev.index: ev.name for ev in events if isinstance(ev, ToolCallStart)}
+    args = {i: "".join(ev.text for ev in events if isinstance(ev, ToolCallArgs) and ev.index == i) for i in starts}
+    streamed = (
+        _text(events, ReasoningDelta),
+        _text(events, ContentDelta),
+        [(starts[i], json.loads(args[i])) for i in sorted(starts)],
+        events[-1],
+    )
+    message = stream.message()
+    whole = (
+        message["reasoning_content"] or "",
+        message["content"] or "",
+        [(c["function"]["name"], c["function"]["arguments"]) for c in message.get("tool_calls", [])],
+        Finish(stream.reply_finish_reason, stream.stop_reason),
+    )
+    assert streamed == whole
+    return streamed
+
+
+def _at_once(tokenizer, token_ids: list[int], reason: str, **options) -> tuple:
+    stream = ReplyStream(tokenizer, **options)
+    events = stream.feed(token_ids)
+    return _summary(stream, events + stream.finish(reason))
+
+
+def test_a_reply_cut_inside_its_tool_call_has_no_call_and_stays_length(tiny_tokenizer):
+    """Cut after every token from the block's opening to just before its end: never a call, the finish reason is
+    "length", the block is content as written, and token by token == all at once."""
+    ids = tiny_tokenizer.encode(REPLY)
+    opening = next(k for k in range(len(ids)) if "<minimax:tool_call>" in tiny_tokenizer.decode(ids[: k + 1]))
+    reasoning, rest = split_reasoning(REPLY, M2.name)
+    for k in range(opening + 1, len(ids)):
+        cut = tiny_tokenizer.decode(ids[:k])
+        stream, events = _run(tiny_tokenizer, cut, "length", format=M2, tools=TOOLS)
+        got = _summary(stream, events)
+        assert got == (reasoning, rest[: len(cut) - len(REPLY)].strip(), [], Finish("length")), cut
+        assert "tool_calls" not in stream.message() and not any(isinstance(ev, ToolCallStart) for ev in events)
+        assert _at_once(tiny_tokenizer, ids[:k], "length", format=M2, tools=TOOLS) == got
+    # the whole block arrived, then the length limit: the complete call stands, the reply says it was cut
+    stream, events = _run(tiny_tokenizer, REPLY, "length", format=M2, tools=TOOLS)
+    assert _summary(stream, events)[2:] == ([("get_weather", {"city": "Paris", "days": 3})], Finish("length"))
+
+
+def test_a_stop_string_inside_a_tool_call_leaves_no_call(tiny_tokenizer):
+    stream, events = _run(tiny_tokenizer, REPLY, format=M2, tools=TOOLS, stop=["</invoke>"])
+    content = REPLY[REPLY.find("Checking") : REPLY.find("</invoke>")].strip()
+    assert _summary(stream, events)[1:] == (content, [], Finish("stop", "</invoke>"))
+
+
+def test_m1_calls_inside_thinking_are_not_run(tiny_tokenizer):
+    call = '<tool_calls>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_calls>'
+    reply = f"<think>\nI could call {call}\n</think>\nNo call needed. <think>or {call}</think>"
+    stream, events = _run(tiny_tokenizer, reply, format=M1, tools=TOOLS)
+    assert _summary(stream, events) == (
+        f"I could call {call}",
+        f"No call needed. <think>or {call}</think>",
+        [],
+        Finish("stop"),
+    )
+    stream, events = _run(tiny_tokenizer, f"<think>\nok\n</think>\n{call}", format=M1, tools=TOOLS)
+    assert _summary(stream, events)[2:] == ([("get_weather", {"city": "Oslo"})], Finish("tool_calls"))
+
+
+PARALLEL = REPLY.replace(
+    "</invoke>\n</minimax:tool_call>",
+    '</invoke>\n<invoke name="get_weather">\n<parameter name="city">Rome</parameter>\n</invoke>\n</minimax:tool_call>',
+)
+
+
+def test_max_tool_calls_keeps_the_first_call(tiny_tokenizer):
+    stream, events = _run(tiny_tokenizer, PARALLEL, format=M2, tools=TOOLS)
+    assert [name for name, _ in _summary(stream, events)[2]] == ["get_weather", "get_weather"]
+    stream, events = _run(tiny_tokenizer, PARALLEL, format=M2, tools=TOOLS, max_tool_calls=1)
+    got = _summary(stream, events)
+    assert got[1:] == ("Checking now.", [("get_weather", {"city": "Paris", "days": 3})], Finish("tool_calls"))
+    ids = tiny_tokenizer.encode(PARALLEL)
+    assert _at_once(tiny_tokenizer, ids, "stop", format=M2, tools=TOOLS, max_tool_calls=1) == got
+    for bad in (0, -2, 1.0):
+        with pytest.raises(ValueError, match="max_tool_calls"):
+            ReplyStream(tiny_tokenizer, M2, max_tool_calls=bad)

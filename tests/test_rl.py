@@ -12,6 +12,8 @@ from mmx.embedded import embedded_model_path
 from mmx.rl.config import RLConfig
 from mmx.rl.rewards import code_reward, extract_math_answer, load_reward_function, math_equal, normalize_answer
 from mmx.rl.tasks import ArithmeticTask, JsonlTask
+from mmx.sandbox import Limits, sandbox_available
+from mmx.sandbox.judge import run_tests
 from mmx.tasks.episodes import Episode, Turn
 
 
@@ -49,15 +51,61 @@ def test_answer_extraction():
     assert normalize_answer("\\left( 1,234 \\right).") == "(1234)"
 
 
+needs_sandbox = pytest.mark.skipif(not sandbox_available(), reason="bubblewrap cannot run here")
+ADD_TESTS = "assert all([add(2, 3) == 5, add(-1, 1) == 0])\nassert add(0, 0) == 0\n"
+WRONG = "def add(a, b):\n    return a - b\n"
+# a wrong solution followed by each way of faking success; every one must get 0
+FORGERIES = {
+    "sys.exit(0)": WRONG + "import sys\nsys.exit(0)\n",
+    "os._exit(0)": WRONG + "import os\nos._exit(0)\n",
+    "raise SystemExit": WRONG + "raise SystemExit(0)\n",
+    "exit inside a test": "def add(a, b):\n    import os\n    os._exit(0)\n",
+    "kill own process group": WRONG + "import os, signal\nos.killpg(0, signal.SIGKILL)\n",
+    "kill own process": WRONG + "import os, signal\nos.kill(os.getpid(), signal.SIGKILL)\n",
+    "patch AssertionError": WRONG + "import builtins\nbuiltins.AssertionError = type('Quiet', (Exception,), {})\n",
+    "patch builtins the tests use": WRONG
+    + "import builtins\nbuiltins.all = lambda *a: True\ndef all(*a):\n    return True\n",
+    "fake success output": WRONG + "print('OK'); print('All tests passed'); print('passed')\n",
+    "excepthook swallowing": WRONG + "import sys\nsys.excepthook = lambda *a: None\n",
+    "read the nonce through frames": WRONG
+    + "import sys\nv = list(sys._getframe(1).f_locals.values())\n"
+    + "import os\nfor fd in range(3, 64):\n    try:\n        os.write(fd, repr(v).encode())\n    except OSError:\n        pass\n",
+    "guess the verdict fd": WRONG + "import os\nfor fd in range(3, 64):\n    try:\n        os.write(fd, b'0' * 64)\n"
+    "    except OSError:\n        pass\n",
+}
+
+
+@needs_sandbox
 def test_code_reward_runs_tests_in_the_sandbox():
     good = finished("```python\ndef add(a, b):\n    return a + b\n```")
-    bad = finished("```python\ndef add(a, b):\n    while True: pass\n```")
-    tests = "assert add(2, 3) == 5"
-    assert code_reward(good, {"tests": tests}) == (1.0, True)
-    from mmx.sandbox import Limits
+    slow = finished("```python\ndef add(a, b):\n    while True: pass\n```")
+    assert code_reward(good, {"tests": ADD_TESTS}) == (1.0, True) and good.metadata["sandbox"] == "passed"
+    assert code_reward(slow, {"tests": ADD_TESTS}, Limits(timeout=1)) == (0.0, False)
+    assert slow.metadata["sandbox"] == "timed out"
+    wrong = finished(f"```python\n{WRONG}```")
+    assert code_reward(wrong, {"tests": ADD_TESTS}) == (0.0, False)
+    assert wrong.metadata["sandbox"] == "failed: AssertionError"
 
-    assert code_reward(bad, {"tests": tests}, Limits(timeout=1)) == (0.0, False)
-    assert bad.metadata["sandbox"] == "timed out"
+
+@needs_sandbox
+@pytest.mark.parametrize("forgery", list(FORGERIES))
+def test_code_reward_cannot_be_forged(forgery):
+    episode = finished(f"```python\n{FORGERIES[forgery]}```")
+    assert code_reward(episode, {"tests": ADD_TESTS}, Limits(timeout=5, memory_mb=512)) == (0.0, False)
+    assert episode.metadata["sandbox"] != "passed"
+
+
+@needs_sandbox
+def test_a_right_solution_passes_with_output_logging_and_the_standard_library():
+    solution = (
+        "from collections import namedtuple\nfrom dataclasses import dataclass\nimport logging, typing\n"
+        "Pair = namedtuple('Pair', 'a b')\n@dataclass\nclass Box:\n    v: int\nT = typing.TypeVar('T')\n"
+        "logging.getLogger('x').warning('logged')\nprint('hello')\n"
+        "def add(a, b):\n    return Box(Pair(a, b).a).v + b\n"
+    )
+    assert run_tests(solution, ADD_TESTS).passed
+    with pytest.raises(ValueError, match="tests do not compile"):
+        run_tests(solution, "assert (")
 
 
 def test_jsonl_task_with_builtin_and_custom_rewards(tmp_path):

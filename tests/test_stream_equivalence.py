@@ -74,6 +74,17 @@ def test_openai_chat_stream_equals_whole_with_tool_calls_and_logprobs(client):
     assert got == expected
 
 
+def test_a_tool_call_cut_off_by_the_length_limit_is_no_call(client):
+    """max_tokens ends the reply inside its tool call: no call, finish_reason "length", the unfinished call is content,
+    streamed == whole (the stream held the call back and never showed a part of it as a call)."""
+    free = client.chat.completions.create(model="mmx-tiny", temperature=0, messages=MESSAGES, tools=[CALCULATOR_TOOL])
+    assert free.choices[0].finish_reason == "tool_calls"
+    length = free.usage.completion_tokens  # the block's last tokens are </minimax:tool_call> and the end of sequence
+    expected, got = _chat_both(client, messages=MESSAGES, tools=[CALCULATOR_TOOL], max_tokens=length - 2)
+    assert expected["finish"] == "length" and expected["calls"] == []
+    assert "<minimax:tool_call>" in expected["content"] and got == expected
+
+
 def test_openai_chat_stream_equals_whole_with_a_stop_string(client):
     free, _ = _chat_both(client, messages=MESSAGES, max_tokens=96)
     stop = _stop_inside(free["reasoning"])

@@ -1,18 +1,24 @@
 """Agent tools: a JSON schema each, arguments validated before anything runs, failures returned to the model as
 tool results (``ToolError``), never raised through the loop.
 
-The built-in tools act only inside the work directory: paths are resolved (symlinks included) and refused when they
-land outside it; shell commands and Python run in :mod:`mmx.sandbox` with a time limit and no network.
+The built-in file tools act only inside the work directory: every path is opened component by component beneath it
+(:mod:`mmx.sandbox.beneath`), so neither a symlink nor a directory swapped for one while the tool runs can lead it
+outside. Shell commands and Python run in the bubblewrap sandbox (:mod:`mmx.sandbox`): the work directory is the only
+writable place, no network, time and memory limits; without bubblewrap they are refused unless the workspace allows
+running unsandboxed.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from mmx.sandbox import Limits, isolation_available, run_command, run_python
+from mmx.sandbox import Limits, run_command, run_python, sandbox_problem
+from mmx.sandbox.beneath import OutsideError, open_beneath, regular_file
+from mmx.sandbox.process import UNSAFE_HINT
 
 MAX_READ_CHARS = 20_000
 MAX_RESULT_CHARS = 12_000
@@ -102,35 +108,52 @@ class Workspace:
     root: str
     command_timeout: float = 30.0
     memory_mb: int = 2048
-    allow_unconfined_shell: bool = False  # run shell commands even where namespaces cannot confine them
-    _isolated: bool | None = field(default=None, repr=False)
+    processes: int = 256
+    allow_unsandboxed: bool = False  # UNSAFE: run shell commands and Python with no confinement where bwrap is missing
 
     def __post_init__(self) -> None:
         self.root = os.path.realpath(self.root)
         if not os.path.isdir(self.root):
             raise FileNotFoundError(f"work directory {self.root} does not exist")
 
-    def resolve(self, path: str) -> str:
-        """An absolute path inside the work directory, or a ToolError."""
+    def open(self, path: str, flags: int, *, make_parents: bool = False) -> tuple[int, str]:
+        """A descriptor for ``path`` opened beneath the work directory, and its path relative to it; or a ToolError."""
         if not isinstance(path, str) or not path:
             raise ToolError("path must be a non-empty string")
-        full = os.path.realpath(os.path.join(self.root, path))
-        if full != self.root and not full.startswith(self.root + os.sep):
-            raise ToolError(f"{path!r} is outside the work directory; use paths relative to it")
-        return full
+        try:
+            return open_beneath(self.root, path, flags, 0o666, make_parents=make_parents)
+        except OutsideError:
+            raise ToolError(f"{path!r} is outside the work directory; use paths relative to it") from None
+        except FileNotFoundError:
+            raise ToolError(f"{path!r} does not exist") from None
+        except IsADirectoryError:
+            raise ToolError(f"{path!r} is a directory") from None
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # a FIFO with no reader, a socket
+                raise ToolError(f"{path!r} is not a file") from None
+            if e.errno == errno.ENOTDIR:
+                raise ToolError(f"{path!r}: a part of the path is not a directory") from None
+            raise ToolError(f"{path!r}: {e.strerror or e}") from None
 
-    def relative(self, full: str) -> str:
-        return os.path.relpath(full, self.root)
+    def open_file(self, path: str, flags: int, *, make_parents: bool = False) -> tuple[int, str]:
+        """Like :meth:`open`, refusing anything but a regular file."""
+        fd, relative = self.open(path, flags, make_parents=make_parents)
+        try:
+            regular_file(fd, path)
+        except OSError:
+            os.close(fd)
+            raise ToolError(f"{path!r} is not a file") from None
+        os.set_blocking(fd, True)
+        return fd, relative
 
-    @property
-    def isolated(self) -> bool:
-        if self._isolated is None:
-            self._isolated = isolation_available()
-        return self._isolated
+    def check_can_run(self) -> None:
+        problem = sandbox_problem()
+        if problem and not self.allow_unsandboxed:
+            raise ToolError(f"running code is unavailable: {problem}. {UNSAFE_HINT}")
 
     def limits(self, timeout: float | None) -> Limits:
         seconds = self.command_timeout if timeout is None else min(float(timeout), self.command_timeout)
-        return Limits(timeout=seconds, memory_mb=self.memory_mb, max_output=MAX_RESULT_CHARS)
+        return Limits(timeout=seconds, memory_mb=self.memory_mb, processes=self.processes, max_output=MAX_RESULT_CHARS)
 
 
 def _report(result) -> str:
@@ -144,10 +167,8 @@ def _report(result) -> str:
 
 def file_tools(ws: Workspace) -> list[Tool]:
     def read_file(path: str, offset: int = 0, limit: int = MAX_READ_CHARS) -> str:
-        full = ws.resolve(path)
-        if not os.path.isfile(full):
-            raise ToolError(f"{path!r} is not a file")
-        with open(full, encoding="utf-8", errors="replace") as f:
+        fd, _ = ws.open_file(path, os.O_RDONLY)
+        with os.fdopen(fd, encoding="utf-8", errors="replace") as f:
             text = f.read()
         piece = text[offset : offset + min(limit, MAX_READ_CHARS)]
         more = len(text) - offset - len(piece)
@@ -156,33 +177,33 @@ def file_tools(ws: Workspace) -> list[Tool]:
         )
 
     def write_file(path: str, content: str) -> str:
-        full = ws.resolve(path)
-        os.makedirs(os.path.dirname(full), exist_ok=True)
-        with open(full, "w", encoding="utf-8") as f:
+        fd, relative = ws.open_file(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, make_parents=True)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(content)
-        return f"wrote {len(content)} characters to {ws.relative(full)}"
+        return f"wrote {len(content)} characters to {relative}"
 
     def edit_file(path: str, old: str, new: str, replace_all: bool = False) -> str:
-        full = ws.resolve(path)
-        if not os.path.isfile(full):
-            raise ToolError(f"{path!r} is not a file")
-        with open(full, encoding="utf-8") as f:
+        fd, relative = ws.open_file(path, os.O_RDWR)
+        with os.fdopen(fd, "r+", encoding="utf-8") as f:
             text = f.read()
-        count = text.count(old) if old else 0
-        if count == 0:
-            raise ToolError(f"the text to replace was not found in {path!r}")
-        if count > 1 and not replace_all:
-            raise ToolError(f"the text to replace occurs {count} times in {path!r}; add context or set replace_all")
-        with open(full, "w", encoding="utf-8") as f:
+            count = text.count(old) if old else 0
+            if count == 0:
+                raise ToolError(f"the text to replace was not found in {path!r}")
+            if count > 1 and not replace_all:
+                raise ToolError(f"the text to replace occurs {count} times in {path!r}; add context or set replace_all")
+            f.seek(0)
+            f.truncate()
             f.write(text.replace(old, new) if replace_all else text.replace(old, new, 1))
-        return f"replaced {count if replace_all else 1} occurrence(s) in {ws.relative(full)}"
+        return f"replaced {count if replace_all else 1} occurrence(s) in {relative}"
 
     def list_files(path: str = ".") -> str:
-        full = ws.resolve(path)
-        if not os.path.isdir(full):
-            raise ToolError(f"{path!r} is not a directory")
-        entries = sorted(os.listdir(full))
-        return "\n".join(e + ("/" if os.path.isdir(os.path.join(full, e)) else "") for e in entries) or "(empty)"
+        fd, _ = ws.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            with os.scandir(fd) as it:
+                entries = sorted(e.name + ("/" if e.is_dir(follow_symlinks=False) else "") for e in it)
+        finally:
+            os.close(fd)
+        return "\n".join(entries) or "(empty)"
 
     string = {"type": "string"}
     return [
@@ -239,12 +260,14 @@ def file_tools(ws: Workspace) -> list[Tool]:
 
 def execution_tools(ws: Workspace) -> list[Tool]:
     def run_shell(command: str, timeout: float | None = None) -> str:
-        if not ws.isolated and not ws.allow_unconfined_shell:
-            raise ToolError("run_shell is unavailable: this machine cannot confine commands (no kernel namespaces)")
-        return _report(run_command(command, ws.root, ws.limits(timeout), isolate=ws.isolated))
+        ws.check_can_run()
+        return _report(run_command(command, ws.root, ws.limits(timeout), allow_unsandboxed=ws.allow_unsandboxed))
 
     def python(code: str, timeout: float | None = None) -> str:
-        return _report(run_python(code, workdir=ws.root, limits=ws.limits(timeout), isolate=ws.isolated))
+        ws.check_can_run()
+        return _report(
+            run_python(code, workdir=ws.root, limits=ws.limits(timeout), allow_unsandboxed=ws.allow_unsandboxed)
+        )
 
     timeout = {"type": "number", "minimum": 0.1, "description": "seconds (capped by the agent's limit)"}
     return [

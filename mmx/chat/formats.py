@@ -33,7 +33,8 @@ class ChatFormat:
 
     def forced_tool_prefix(self, tool_name: str | None) -> str:
         """Text to pre-fill after the generation prompt so that the reply is a tool call (``tool_choice``
-        "required", or the named tool): the model completes the call, no constrained decoding needed."""
+        "required", or the named tool): the model completes the call, held to the tools' schemas by the grammar of
+        :func:`mmx.chat.constraints.tool_call_grammar`, which starts where this text ends."""
         if self.name == "minimax_m2":
             return '</think>\n\n<minimax:tool_call>\n<invoke name="' + (f'{tool_name}">\n' if tool_name else "")
         return '<tool_calls>\n{"name": "' + (f'{tool_name}", "arguments": ' if tool_name else "")

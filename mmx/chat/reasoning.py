@@ -41,13 +41,14 @@ def split_inline_think(text: str) -> tuple[str | None, str]:
     return split_reasoning(text, "minimax_m2")
 
 
-def _partial_suffix(text: str, tags: tuple[str, ...]) -> int:
-    """Length of the longest suffix of ``text`` that is a proper prefix of one of ``tags``."""
+def partial_suffix(text: str, tags: tuple[str, ...] | list[str]) -> int:
+    """Length of the longest suffix of ``text`` that is a proper prefix of one of ``tags``: what a stream holds
+    back because the next piece may complete a tag (or a stop string)."""
     best = 0
     for tag in tags:
-        for n in range(min(len(tag) - 1, len(text)), 0, -1):
+        for n in range(min(len(tag) - 1, len(text)), best, -1):
             if text.endswith(tag[:n]):
-                best = max(best, n)
+                best = n
                 break
     return best
 
@@ -132,7 +133,7 @@ class ReasoningStreamParser:
             self.buffer = ""
             return piece, False
         # hold back a possible partial end tag and trailing newlines (stripped if the reasoning ends here)
-        keep = _partial_suffix(self.buffer, self.ends)
+        keep = partial_suffix(self.buffer, self.ends)
         safe = self.buffer[: len(self.buffer) - keep]
         stripped = safe.rstrip("\n")
         self.buffer = self.buffer[len(stripped) :]

@@ -14,9 +14,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from mmx.chat.formats import ChatFormat
-from mmx.chat.reasoning import ReasoningStreamParser
+from mmx.chat.reasoning import ReasoningStreamParser, partial_suffix
 from mmx.chat.tokenizer import IncrementalDetokenizer, Tokenizer
-from mmx.chat.tool_calls import ContentDelta, ToolCallArgs, ToolCallStart, ToolCallStreamParser
+from mmx.chat.tool_calls import (
+    ContentDelta,
+    ToolCallArgs,
+    ToolCallStart,
+    ToolCallStreamParser,
+    check_call_limit,
+)
 
 
 @dataclass
@@ -35,17 +41,6 @@ ReplyEvent = ReasoningDelta | ContentDelta | ToolCallStart | ToolCallArgs | Fini
 __all__ = ["ContentDelta", "Finish", "ReasoningDelta", "ReplyEvent", "ReplyStream", "ToolCallArgs", "ToolCallStart"]
 
 
-def _held_suffix(text: str, stops: list[str]) -> int:
-    """Length of the longest suffix of ``text`` that is a proper prefix of a stop string."""
-    best = 0
-    for stop in stops:
-        for n in range(min(len(stop) - 1, len(text)), best, -1):
-            if text.endswith(stop[:n]):
-                best = n
-                break
-    return best
-
-
 class ReplyStream:
     """A sample's text and, with a chat ``format``, its reasoning, content and tool calls.
 
@@ -55,7 +50,12 @@ class ReplyStream:
 
     ``prefix`` is text the reply continues from (a forced tool-call opening): it goes through the parsers but is
     not part of ``text``. ``inline_reasoning`` keeps the reasoning in the content as ``<think>...</think>`` (for
-    clients that send only content back)."""
+    clients that send only content back).
+
+    Tool calls come out only complete: a tool-call block is held back until it closes, then its calls are emitted
+    (see :mod:`mmx.chat.tool_calls`); a block cut off by the end of the reply is content, and the finish reason
+    stays the engine's ("length", ...). ``max_tool_calls`` keeps at most that many calls (1 for
+    ``parallel_tool_calls=false``); later complete calls are dropped, neither calls nor content."""
 
     def __init__(
         self,
@@ -68,13 +68,17 @@ class ReplyStream:
         skip_special_tokens: bool = True,
         prefix: str = "",
         inline_reasoning: bool = False,
+        max_tool_calls: int | None = None,
     ):
         self.detokenizer = IncrementalDetokenizer(tokenizer, skip_special_tokens)
         self.stops = [s for s in stop if s]
         self.include_stop = include_stop_str_in_output
         self.format = format
         self.reasoner = ReasoningStreamParser(format.name) if format is not None else None
-        self.tool_parser = ToolCallStreamParser(tools, format.name) if format is not None and tools else None
+        check_call_limit(max_tool_calls, "max_tool_calls")  # checked even when no tools are offered
+        self.tool_parser = (
+            ToolCallStreamParser(tools, format.name, max_tool_calls) if format is not None and tools else None
+        )
         self.inline = inline_reasoning
         self.token_ids: list[int] = []
         self.logprobs: list[Any] = []
@@ -118,7 +122,7 @@ class ReplyStream:
             cut, stop = hit
             self.text = self.text[:cut]
             return events + self._end("stop", stop)
-        safe = len(self.text) - _held_suffix(self.text[self.sent :], self.stops) if self.stops else len(self.text)
+        safe = len(self.text) - partial_suffix(self.text[self.sent :], self.stops) if self.stops else len(self.text)
         return events + self._release(safe, final=False)
 
     def finish(self, reason: str, stop_reason: str | int | None = None) -> list[ReplyEvent]:
@@ -210,8 +214,9 @@ class ReplyStream:
     # ------------------------------------------------------------------ results
     @property
     def reply_finish_reason(self) -> str | None:
-        """Why the reply ended, as chat APIs say it: "tool_calls" when it called tools."""
-        return "tool_calls" if self.calls and self.done else self.finish_reason
+        """Why the reply ended, as chat APIs say it: "tool_calls" when it called tools and ended by itself; a reply
+        cut off ("length", "abort", ...) says so even after a complete call."""
+        return "tool_calls" if self.calls and self.finish_reason == "stop" else self.finish_reason
 
     @property
     def tool_calls(self) -> list[dict[str, Any]]:

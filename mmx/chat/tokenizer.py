@@ -16,6 +16,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 from mmx.chat.formats import M1, M2, TEXT_TAGS
+from mmx.errors import FileFormatError
 
 M1_SPECIAL_TOKENS = list(M1.special_tokens)
 M2_SPECIAL_TOKENS = list(M2.special_tokens)
@@ -44,20 +45,29 @@ class Tokenizer:
     # ------------------------------------------------------------------ loading and saving
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> Tokenizer:
+        """Load a checkpoint's tokenizer files; one that does not parse is a :class:`FileFormatError` naming it."""
         path = os.fspath(path)
         file = os.path.join(path, "tokenizer.json")
         if not os.path.exists(file):
             raise FileNotFoundError(f"no tokenizer.json in {path}")
-        config = _read_json(os.path.join(path, "tokenizer_config.json")) or {}
+        config_file = os.path.join(path, "tokenizer_config.json")
+        config = _read_json(config_file) or {}
         special_map = _read_json(os.path.join(path, "special_tokens_map.json")) or {}
         for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
             config.setdefault(key, special_map.get(key))
+        _check_special_tokens(config, config_file)
         template_file = os.path.join(path, "chat_template.jinja")
-        template = None
         if os.path.exists(template_file):
-            with open(template_file, encoding="utf-8") as f:
-                template = f.read()
-        return cls(HFTokenizer.from_file(file), config, template)
+            template, source = _read_text(template_file), template_file
+        else:
+            template, source = _template_from_config(config, config_file), f"{config_file} (key 'chat_template')"
+        if template is not None:
+            _check_template(template, source)
+        try:
+            backend = HFTokenizer.from_file(file)
+        except Exception as e:  # the tokenizers library raises a bare Exception for every kind of bad file
+            raise FileFormatError(file, f"not a tokenizer the tokenizers library can read ({e})") from None
+        return cls(backend, config, template)
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         from mmx.utils.io import atomic_write_text, atomic_write_with
@@ -76,6 +86,8 @@ class Tokenizer:
         return self.backend.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        if len(text) > 4096:  # encode_batch lets other threads run while it works (encode holds the GIL throughout)
+            return self.backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
         return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
 
     def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
@@ -127,19 +139,56 @@ def _token_text(value: Any) -> str | None:
     return value
 
 
-def _template_from_config(config: dict[str, Any]) -> str | None:
+def _template_from_config(config: dict[str, Any], file: str | None = None) -> str | None:
+    """The chat template a tokenizer config holds: a string, or named templates of which "default" is used."""
     template = config.get("chat_template")
     if isinstance(template, list):  # named templates: use "default"
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-        return named.get("default") or next(iter(named.values()), None)
+        template = named.get("default") or next(iter(named.values()), None)
+    if template is not None and not isinstance(template, str) and file is not None:
+        raise FileFormatError(file, f"chat_template is a {type(template).__name__}, not a template string")
     return template
 
 
+def _check_special_tokens(config: dict[str, Any], file: str) -> None:
+    for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
+        value = config.get(key)
+        if value is not None and not isinstance(_token_text(value), str):
+            raise FileFormatError(file, f"{key} is {value!r}, not a token string")
+
+
+def _check_template(template: str, source: str) -> None:
+    """Compile the template now, so that one that does not parse names its file rather than failing later in a
+    request. (Compiled templates are cached: rendering does not compile it again.)"""
+    import jinja2
+
+    from mmx.chat.template import compile_template
+
+    try:
+        compile_template(template)
+    except jinja2.TemplateSyntaxError as e:
+        raise FileFormatError(source, f"the chat template does not parse: {e.message} (line {e.lineno})") from None
+
+
+def _read_text(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise FileFormatError(path, f"not UTF-8 text ({e})") from None
+
+
 def _read_json(path: str) -> dict | None:
+    """A JSON object from ``path``, or None when there is no such file."""
     if not os.path.exists(path):
         return None
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    try:
+        data = json.loads(_read_text(path))
+    except json.JSONDecodeError as e:
+        raise FileFormatError(path, f"not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise FileFormatError(path, f"holds a JSON {type(data).__name__}, not an object")
+    return data
 
 
 class IncrementalDetokenizer:

@@ -9,20 +9,39 @@ M2 (``minimax_m2``) writes XML::
     </invoke>
     </minimax:tool_call>
 
-Parameter values are raw text typed by the tool's JSON schema (:mod:`mmx.chat.schema`). Tolerated: a missing
-``</minimax:tool_call>`` at the end, a missing ``</parameter>`` or ``</invoke>`` before the next element, single-
-quoted or bare names, extra attributes. One leading and one trailing newline of a value are layout and dropped;
-spaces are data and kept; nothing is XML-unescaped (the template writes raw text).
+M1 (``minimax_m1``) writes one JSON object per line inside ``<tool_calls> ... </tool_calls>``.
 
-M1 (``minimax_m1``) writes one JSON object per line inside ``<tool_calls> ... </tool_calls>``; a line with stray
-extra closing braces is repaired.
+**A call is a call only once it is complete**: its block is closed (``</minimax:tool_call>`` / ``</tool_calls>``)
+and, in M2, the call's own ``</invoke>`` came first. A block that never closes (the reply hit the length limit, a
+stop string, or an end of sequence too early) yields no call, so a client is never handed a call with a truncated
+argument; its text stays in the content exactly as the model wrote it, and the finish reason says why the reply
+ended. (MiniMax's reference parser and SGLang also return no call there; SGLang drops the text, mmx keeps it as
+it keeps every malformed block, so nothing the model wrote disappears silently.)
 
-Malformed output never raises: a block with no usable call stays in the content as it was written, and a call to
-a tool that is not offered (when tools are given) stays in the content instead of becoming a fabricated call.
-Content is the text outside the blocks, stripped (None if empty).
+Inside a closed block:
 
-:class:`ToolCallStreamParser` takes the text piece by piece; :func:`parse_tool_calls` is the same parser fed a
-finished text at once.
+* M2: parameter values are raw text typed by the tool's JSON schema (:mod:`mmx.chat.schema`). Tolerated: single-
+  quoted or bare names, extra attributes, a missing ``</parameter>`` (the value runs to the next ``<parameter`` or
+  ``</invoke>``), a value that itself contains ``</parameter>`` (it runs to the last one before the next
+  parameter). One leading and one trailing newline of a value are layout and dropped; spaces are data and kept;
+  nothing is XML-unescaped (the template writes raw text). An ``<invoke>`` whose ``</invoke>`` never came (the
+  next ``<invoke`` or the block's end came first) is not a call.
+* M1: a line with stray extra closing braces is repaired.
+
+Malformed output never raises. A closed block with no usable call stays in the content as written. In a block with
+calls, an invoke (M2) or line (M1) that is not a usable call, such as a call to a tool that is not offered (when
+tools are given), stays in the content as written instead of becoming a fabricated call; other text between the
+calls is layout and dropped. Content is the text outside the blocks, stripped (None if empty).
+
+A ``<think> ... </think>`` region in the content (reasoning that did not open the reply, so the reasoning parser
+left it in place) is content: tool-call tags inside it are the model thinking about a call, not a call.
+
+``max_calls`` keeps the first calls and drops every later complete call, neither a call nor content: the client
+asked for at most that many (``parallel_tool_calls=false`` is ``max_calls=1``), and a model that writes more has
+still written its first one in full.
+
+:class:`ToolCallStreamParser` takes the text piece by piece and holds a block back until it closes, then emits each
+call's start and its whole arguments JSON; :func:`parse_tool_calls` is the same parser fed a finished text at once.
 """
 
 from __future__ import annotations
@@ -33,6 +52,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mmx.chat.formats import new_tool_call_id
+from mmx.chat.reasoning import THINK_CLOSE, THINK_OPEN, partial_suffix
 from mmx.chat.schema import coerce_value, tool_properties
 
 STYLES = ("minimax_m2", "minimax_m1")
@@ -41,9 +61,13 @@ M1_OPEN, M1_CLOSE = "<tool_calls>", "</tool_calls>"
 INVOKE_CLOSE, PARAM_CLOSE = "</invoke>", "</parameter>"
 _INVOKE = re.compile(r"<invoke\s+name\s*=\s*")
 _PARAM = re.compile(r"<parameter\s+name\s*=\s*")
+_BARE_NAME = re.compile(r"[^\s>]*")
+
+# A block's parse, in order: a usable call ({"name", "arguments"}) or the raw text of something that is not one.
+BlockItem = dict[str, Any] | str
 
 
-# ---------------------------------------------------------------------------------------------------- shared bits
+# ---------------------------------------------------------------------------------------------------- M2 blocks
 def _read_name(text: str, start: int) -> tuple[str, int] | None:
     """Name starting at ``start`` ("x", 'x' or bare) and the index just past the tag's closing '>'."""
     while start < len(text) and text[start] in " \t":
@@ -57,7 +81,7 @@ def _read_name(text: str, start: int) -> tuple[str, int] | None:
             return None
         name, rest = text[start + 1 : end], end + 1
     else:
-        match = re.compile(r"[^\s>]*").match(text, start)
+        match = _BARE_NAME.match(text, start)
         name, rest = match.group(0), match.end()
     close = text.find(">", rest)
     if close == -1:
@@ -74,11 +98,49 @@ def _layout_strip(value: str) -> str:
     return value
 
 
-def _typed(name: str, raw: str, props: dict[str, Any] | None) -> Any:
-    return coerce_value(_layout_strip(raw), (props or {}).get(name))
+def _m2_block(body: str, props: dict[str, dict] | None) -> list[BlockItem]:
+    """The invokes of a closed M2 block, each a call or its raw text."""
+    items: list[BlockItem] = []
+    starts = [m.start() for m in _INVOKE.finditer(body)]
+    for k, start in enumerate(starts):
+        segment = body[start : starts[k + 1] if k + 1 < len(starts) else len(body)]
+        close = segment.find(INVOKE_CLOSE)
+        if close == -1:  # never closed: another invoke or the block's end came first
+            items.append(segment)
+            continue
+        call = _m2_invoke(segment[:close], props)
+        items.append(call if call is not None else segment[: close + len(INVOKE_CLOSE)])
+    return items
 
 
-def _m1_call(line: str, tools: dict[str, dict] | None) -> dict[str, Any] | None:
+def _m2_invoke(text: str, props: dict[str, dict] | None) -> dict[str, Any] | None:
+    """The call written by one invoke (``text`` runs from ``<invoke`` to just before ``</invoke>``), or None when it
+    is not a usable call: a damaged header, or a tool that is not offered."""
+    head = _read_name(text, _INVOKE.match(text).end())
+    if head is None:
+        return None
+    name, header_end = head
+    if not name or (props is not None and name not in props):
+        return None
+    schema = props.get(name) if props is not None else None
+    params = list(_PARAM.finditer(text, header_end))
+    arguments: dict[str, Any] = {}
+    for k, match in enumerate(params):
+        segment = text[match.end() : params[k + 1].start() if k + 1 < len(params) else len(text)]
+        param_head = _read_name(segment, 0)
+        if param_head is None:
+            return None
+        param, value_start = param_head
+        value = segment[value_start:]
+        end = value.rfind(PARAM_CLOSE)
+        if end != -1:
+            value = value[:end]
+        arguments[param] = coerce_value(_layout_strip(value), (schema or {}).get(param))
+    return {"name": name, "arguments": arguments}
+
+
+# ---------------------------------------------------------------------------------------------------- M1 blocks
+def _m1_call(line: str, props: dict[str, dict] | None) -> dict[str, Any] | None:
     """A call from one JSON line, or None. Repairs runs of extra trailing '}' (a known M1 slip)."""
     text = line.strip()
     if not (text.startswith("{") and text.endswith("}")):
@@ -99,17 +161,29 @@ def _m1_call(line: str, tools: dict[str, dict] | None) -> dict[str, Any] | None:
             args = json.loads(args)
         except ValueError:
             return None
-    if not isinstance(args, dict) or (tools is not None and obj["name"] not in tools):
+    if not isinstance(args, dict) or (props is not None and obj["name"] not in props):
         return None
     return {"name": obj["name"], "arguments": args}
 
 
+def _m1_block(body: str, props: dict[str, dict] | None) -> list[BlockItem]:
+    """The lines of a closed M1 block, each a call or its raw text (blank lines are layout)."""
+    lines = body.split("\n")
+    items: list[BlockItem] = []
+    for k, line in enumerate(lines):
+        if line.strip():
+            call = _m1_call(line, props)
+            items.append(call if call is not None else line + ("\n" if k + 1 < len(lines) else ""))
+    return items
+
+
+# ---------------------------------------------------------------------------------------------------- results
 def parse_tool_calls(
-    text: str, tools: list[dict[str, Any]] | None = None, style: str = "minimax_m2"
+    text: str, tools: list[dict[str, Any]] | None = None, style: str = "minimax_m2", max_calls: int | None = None
 ) -> tuple[str | None, list[dict[str, Any]]]:
     """(content, calls) of a finished output (its reasoning already split off); each call is
     ``{"name": str, "arguments": dict}``. The streaming parser fed the whole text at once."""
-    parser = ToolCallStreamParser(tools, style)
+    parser = ToolCallStreamParser(tools, style, max_calls)
     return collect_tool_events(parser.feed(text) + parser.finish())
 
 
@@ -128,6 +202,12 @@ def collect_tool_events(events: list) -> tuple[str | None, list[dict[str, Any]]]
     return ("".join(content) or None), calls
 
 
+def check_call_limit(value: Any, field: str = "max_calls") -> None:
+    """A limit on the number of calls is None (no limit) or a positive integer."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"{field} must be a positive integer or None, got {value!r}")
+
+
 # ---------------------------------------------------------------------------------------------------- streaming
 @dataclass
 class ContentDelta:
@@ -144,7 +224,7 @@ class ToolCallStart:
 @dataclass
 class ToolCallArgs:
     index: int
-    text: str  # a fragment of the arguments' JSON
+    text: str  # the arguments as JSON text (a client concatenates the fragments of a call)
 
 
 class _Content:
@@ -169,41 +249,27 @@ class _Content:
         return out
 
 
-def _could_start(tail: str, patterns: tuple[str, ...]) -> bool:
-    """Whether ``tail`` (text from a '<') might still grow into one of the tags / openers."""
-    for pattern in patterns:
-        if pattern.startswith(tail):
-            return True
-    return bool(re.fullmatch(r"<(i(n(v(o(k(e(\s+(n(a(m(e\s*)?)?)?)?)?)?)?)?)?)?)?", tail)) or bool(
-        re.fullmatch(r"<(p(a(r(a(m(e(t(e(r(\s+(n(a(m(e\s*)?)?)?)?)?)?)?)?)?)?)?)?)?)?", tail)
-    )
-
-
 class ToolCallStreamParser:
-    """Incremental :func:`parse_tool_calls`. ``feed(delta)`` / ``finish()`` return events: content deltas, a
-    call's start (index, id, name) once its name is complete, and argument JSON fragments (one per completed
-    parameter, then the closing brace); the fragments of a call concatenate to ``json.dumps(arguments)``."""
+    """Incremental :func:`parse_tool_calls`. ``feed(delta)`` / ``finish()`` return events: content deltas and, when
+    a block closes, each call's start (index, id, name) followed by its arguments as one JSON text
+    (``json.dumps(arguments)``)."""
 
-    def __init__(self, tools: list[dict[str, Any]] | None = None, style: str = "minimax_m2"):
+    def __init__(
+        self, tools: list[dict[str, Any]] | None = None, style: str = "minimax_m2", max_calls: int | None = None
+    ):
         if style not in STYLES:
             raise ValueError(f"unknown tool-call style {style!r}; use one of {STYLES}")
-        self.style = style
+        check_call_limit(max_calls)
         self.props = tool_properties(tools)
         self.opener, self.closer = (M2_OPEN, M2_CLOSE) if style == "minimax_m2" else (M1_OPEN, M1_CLOSE)
-        self.buffer = ""
-        self.state = "outside"
+        self.parse_block = _m2_block if style == "minimax_m2" else _m1_block
+        self.max_calls = max_calls
+        self.buffer = ""  # text not yet emitted: a possible partial tag, or an open block's body
+        self.state = "outside"  # outside | think | block
         self.content = _Content()
-        self.block_raw = ""  # raw text of the current block (emitted as content if it yields no call)
-        self.block_calls = 0
-        self.pending_rejected: list[str] = []
-        self.index = -1  # index of the last call started
-        self.args_open = False
-        self.params: dict[str, Any] | None = None
-        self.invoke_raw = ""
-        self.param_name = ""
-        self.call_name = ""
+        self.calls = 0  # calls emitted (the next call's index)
+        self.scanned = 0  # how much of an open block's buffer is known to hold no closer
 
-    # ------------------------------------------------------------------ public
     def feed(self, delta: str) -> list:
         self.buffer += delta
         return self._run(final=False)
@@ -212,245 +278,69 @@ class ToolCallStreamParser:
         return self._run(final=True)
 
     # ------------------------------------------------------------------ machinery
-    def _emit_content(self, events: list, text: str) -> None:
-        out = self.content.add(text)
-        if out:
-            events.append(ContentDelta(out))
-
-    def _reject(self, events: list, raw: str) -> None:
-        if self.block_calls:
-            self._emit_content(events, raw)
-        else:
-            self.pending_rejected.append(raw)
-
-    def _start_call(self, events: list, name: str) -> None:
-        self.index += 1
-        self.block_calls += 1
-        if self.block_calls == 1:
-            for raw in self.pending_rejected:
-                self._emit_content(events, raw)
-            self.pending_rejected = []
-        self.call_name = name
-        events.append(ToolCallStart(self.index, new_tool_call_id(), name))
-
-    def _end_block(self, events: list, raw_tail: str) -> None:
-        self.block_raw += raw_tail
-        if not self.block_calls:
-            self._emit_content(events, self.block_raw)
-        self.block_raw, self.block_calls, self.pending_rejected = "", 0, []
-        self.state = "outside"
-
-    def _take(self, n: int) -> str:
-        piece, self.buffer = self.buffer[:n], self.buffer[n:]
-        self.block_raw += piece
-        return piece
-
     def _run(self, final: bool) -> list:
         """Step the state machine until it needs more input; every step that returns True made progress."""
         events: list = []
         while getattr(self, f"_{self.state}")(events, final):
             pass
-        if final:
-            self._finish(events)
         return events
 
+    def _emit_content(self, events: list, text: str) -> None:
+        out = self.content.add(text)
+        if out:
+            events.append(ContentDelta(out))
+
+    def _pass_through(self, events: list, final: bool, tags: tuple[str, ...]) -> None:
+        """Emit the buffer as content, except a suffix that may still grow into one of ``tags``."""
+        keep = 0 if final else partial_suffix(self.buffer, tags)
+        self._emit_content(events, self.buffer[: len(self.buffer) - keep])
+        self.buffer = self.buffer[len(self.buffer) - keep :]
+
     def _outside(self, events: list, final: bool) -> bool:
-        start = self.buffer.find(self.opener)
-        if start != -1:
-            self._emit_content(events, self.buffer[:start])
-            self.buffer = self.buffer[start + len(self.opener) :]
-            self.block_raw = self.opener
-            self.state = "block"
-            return True
-        if final:
-            self._emit_content(events, self.buffer)
-            self.buffer = ""
+        hits = [(i, tag) for tag in (self.opener, THINK_OPEN) if (i := self.buffer.find(tag)) != -1]
+        if not hits:
+            self._pass_through(events, final, (self.opener, THINK_OPEN))
             return False
-        hold = self.buffer.rfind("<")
-        if hold != -1 and self.opener.startswith(self.buffer[hold:]):
-            self._emit_content(events, self.buffer[:hold])
-            self.buffer = self.buffer[hold:]
-        else:
-            self._emit_content(events, self.buffer)
-            self.buffer = ""
-        return False
+        i, tag = min(hits)
+        self._emit_content(events, self.buffer[: i if tag == self.opener else i + len(tag)])
+        self.buffer = self.buffer[i + len(tag) :]
+        self.state = "block" if tag == self.opener else "think"
+        return True
 
-    # -- M1: JSON lines -------------------------------------------------------------------------------
+    def _think(self, events: list, final: bool) -> bool:
+        i = self.buffer.find(THINK_CLOSE)
+        if i == -1:
+            self._pass_through(events, final, (THINK_CLOSE,))
+            return False
+        self._emit_content(events, self.buffer[: i + len(THINK_CLOSE)])
+        self.buffer = self.buffer[i + len(THINK_CLOSE) :]
+        self.state = "outside"
+        return True
+
     def _block(self, events: list, final: bool) -> bool:
-        if self.style == "minimax_m1":
-            return self._m1_block(events, final)
-        return self._m2_block(events, final)
-
-    def _m1_block(self, events: list, final: bool) -> bool:
-        close = self.buffer.find(self.closer)
-        newline = self.buffer.find("\n")
-        if newline != -1 and (close == -1 or newline < close):
-            line = self._take(newline + 1)[:-1]
-            self._m1_line(events, line)
+        i = self.buffer.find(self.closer, self.scanned)
+        if i == -1:
+            if final:  # never closed: no call, the text stays as written
+                self._emit_content(events, self.opener + self.buffer)
+                self.buffer = ""
+                self.state = "outside"
+            # a long argument arrives token by token: look for the closer only in what is new
+            self.scanned = max(0, len(self.buffer) - len(self.closer) + 1)
+            return False
+        body = self.buffer[:i]
+        self.buffer = self.buffer[i + len(self.closer) :]
+        self.state = "outside"
+        self.scanned = 0
+        items = self.parse_block(body, self.props)
+        if not any(isinstance(item, dict) for item in items):
+            self._emit_content(events, self.opener + body + self.closer)
             return True
-        if close != -1:
-            self._m1_line(events, self._take(close))
-            self._take(len(self.closer))
-            self._end_block(events, "")
-            return True
-        if final:
-            self._m1_line(events, self._take(len(self.buffer)))
-            return False
-        return False
-
-    def _m1_line(self, events: list, line: str) -> None:
-        if not line.strip():
-            return
-        call = _m1_call(line, self.props)
-        if call is None:
-            self._reject(events, line + "\n")
-            return
-        self._start_call(events, call["name"])
-        events.append(ToolCallArgs(self.index, json.dumps(call["arguments"], ensure_ascii=False)))
-
-    # -- M2: XML --------------------------------------------------------------------------------------
-    def _first(self, patterns: list[tuple[str, re.Pattern | str]]) -> tuple[int, str, int] | None:
-        """Earliest (position, kind, end of match) among literal strings and regexes in the buffer."""
-        best = None
-        for kind, pattern in patterns:
-            if isinstance(pattern, str):
-                i = self.buffer.find(pattern)
-                hit = (i, kind, i + len(pattern)) if i != -1 else None
-            else:
-                m = pattern.search(self.buffer)
-                hit = (m.start(), kind, m.end()) if m else None
-            if hit and (best is None or hit[0] < best[0]):
-                best = hit
-        return best
-
-    def _safe_prefix(self, patterns: tuple[str, ...]) -> int:
-        """How much of the buffer cannot be the start of a tag still arriving."""
-        hold = self.buffer.rfind("<")
-        if hold != -1 and _could_start(self.buffer[hold:], patterns):
-            return hold
-        return len(self.buffer)
-
-    def _m2_block(self, events: list, final: bool) -> bool:
-        hit = self._first([("invoke", _INVOKE), ("close", self.closer)])
-        if hit is None:
-            keep = len(self.buffer) if final else self._safe_prefix((self.closer,))
-            self._take(keep)
-            return False
-        pos, kind, end = hit
-        self._take(pos)
-        if kind == "close":
-            self._take(end - pos)
-            self._end_block(events, "")
-            return True
-        self.invoke_raw = self._take(end - pos)
-        self.state = "invoke_header"
+        for item in items:
+            if isinstance(item, str):
+                self._emit_content(events, item)
+            elif self.max_calls is None or self.calls < self.max_calls:
+                arguments = json.dumps(item["arguments"], ensure_ascii=False)
+                events.append(ToolCallStart(self.calls, new_tool_call_id(), item["name"]))
+                events.append(ToolCallArgs(self.calls, arguments))
+                self.calls += 1
         return True
-
-    def _invoke_header(self, events: list, final: bool) -> bool:
-        # the header ends at '>' (a quoted name may hold '>'); stop early if another element begins
-        head = _read_name(self.buffer, 0)
-        interrupt = self._first([("invoke", _INVOKE), ("close", self.closer), ("end", INVOKE_CLOSE)])
-        if head is not None and (interrupt is None or head[1] <= interrupt[0]):
-            name, end = head
-            self.invoke_raw += self._take(end)
-            if not name or (self.props is not None and name not in self.props):
-                self.state = "invoke_rejected"
-            else:
-                self._start_call(events, name)
-                self.params = {}
-                self.state = "invoke"
-            return True
-        if interrupt is not None or final:
-            upto = interrupt[0] if interrupt is not None else len(self.buffer)
-            if interrupt is not None and interrupt[1] == "end":
-                upto = interrupt[2]
-            self._reject(events, self.invoke_raw + self._take(upto))
-            self.state = "block"
-            return True
-        return False
-
-    def _invoke_rejected(self, events: list, final: bool) -> bool:
-        hit = self._first([("end", INVOKE_CLOSE), ("invoke", _INVOKE), ("close", self.closer)])
-        if hit is None:
-            if final:
-                self._reject(events, self.invoke_raw + self._take(len(self.buffer)))
-                self.state = "block"
-            return False
-        pos, kind, end = hit
-        self._reject(events, self.invoke_raw + self._take(end if kind == "end" else pos))
-        self.state = "block"
-        return True
-
-    def _close_invoke(self, events: list) -> None:
-        events.append(ToolCallArgs(self.index, "}" if self.args_open else "{}"))
-        self.args_open = False
-        self.params = None
-        self.state = "block"
-
-    def _invoke(self, events: list, final: bool) -> bool:
-        hit = self._first([("param", _PARAM), ("end", INVOKE_CLOSE), ("invoke", _INVOKE), ("close", self.closer)])
-        if hit is None:
-            keep = len(self.buffer) if final else self._safe_prefix((INVOKE_CLOSE, self.closer))
-            self._take(keep)
-            if final:
-                self._close_invoke(events)
-            return False
-        pos, kind, end = hit
-        self._take(pos)
-        if kind == "param":
-            self._take(end - pos)
-            self.state = "param_header"
-        elif kind == "end":
-            self._take(end - pos)
-            self._close_invoke(events)
-        else:
-            self._close_invoke(events)
-        return True
-
-    def _param_header(self, events: list, final: bool) -> bool:
-        head = _read_name(self.buffer, 0)
-        if head is None:
-            if final:  # an unfinished parameter header: the call ends without it
-                self._take(len(self.buffer))
-                self._close_invoke(events)
-            return False
-        self.param_name = head[0]
-        self._take(head[1])
-        self.state = "param"
-        return True
-
-    def _param(self, events: list, final: bool) -> bool:
-        hit = self._first(
-            [
-                ("pclose", PARAM_CLOSE),
-                ("param", _PARAM),
-                ("end", INVOKE_CLOSE),
-                ("invoke", _INVOKE),
-                ("close", self.closer),
-            ]
-        )
-        if hit is None and not final:
-            return False
-        pos = hit[0] if hit is not None else len(self.buffer)
-        value = self._take(pos)
-        self._add_param(events, self.param_name, value)
-        if hit is not None and hit[1] == "pclose":
-            self._take(len(PARAM_CLOSE))
-        self.state = "invoke"
-        return True
-
-    def _add_param(self, events: list, name: str, raw: str) -> None:
-        props = self.props.get(self.call_name) if self.props is not None else None
-        value = _typed(name, raw, props)
-        prefix = ", " if self.args_open else "{"
-        self.args_open = True
-        events.append(
-            ToolCallArgs(
-                self.index, prefix + json.dumps(name, ensure_ascii=False) + ": " + json.dumps(value, ensure_ascii=False)
-            )
-        )
-
-    def _finish(self, events: list) -> None:
-        if self.state != "outside":
-            self._end_block(events, self._take(len(self.buffer)))
-        self.buffer = ""

@@ -27,6 +27,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--transcript", default=None, help="JSONL transcript path (default: WORKDIR/.mmx-agent/transcript-*.jsonl)"
     )
     p.add_argument("--quiet", action="store_true", help="no live view; print only the answer")
+    p.add_argument(
+        "--unsafe-no-sandbox",
+        action="store_true",
+        help="UNSAFE: where bubblewrap is missing, run the model's shell commands and Python with no confinement "
+        "(they can read, change and delete anything your user can)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -38,7 +44,13 @@ def run(args: argparse.Namespace) -> int:
     api_key = args.api_key or os.environ.get("MMX_API_KEY") or os.environ.get(key_env)
     client_cls = AnthropicClient if args.api == "anthropic" else OpenAIClient
     client = client_cls(args.base_url, args.model, api_key, args.max_tokens, args.temperature)
-    workspace = Workspace(args.workdir, command_timeout=args.command_timeout)
+    workspace = Workspace(args.workdir, command_timeout=args.command_timeout, allow_unsandboxed=args.unsafe_no_sandbox)
+    if args.unsafe_no_sandbox:
+        from mmx.sandbox import sandbox_problem
+
+        problem = sandbox_problem()
+        if problem:
+            print(f"warning: running model-written code WITHOUT a sandbox ({problem})", file=sys.stderr)
     transcript = args.transcript or os.path.join(
         workspace.root, ".mmx-agent", f"transcript-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
     )

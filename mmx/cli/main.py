@@ -101,9 +101,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     module = importlib.import_module(SUBCOMMANDS[args.command][0])  # already imported by build_parser
+    from mmx.errors import DiskFullError
+
     try:
         return int(module.run(args) or 0)
-    except (FileNotFoundError, ValueError) as e:  # bad input: say what is wrong, no traceback
+    except (FileNotFoundError, ValueError, DiskFullError) as e:  # bad input, or a full disk: say so, no traceback
         print(f"mmx {args.command}: error: {e}", file=sys.stderr)
         return 1
 

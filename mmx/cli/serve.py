@@ -27,6 +27,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="split: reasoning in reasoning_content; append_think: reasoning kept inline in the content",
     )
     p.add_argument("--max-body-mb", type=float, default=8.0, help="largest request body accepted")
+    p.add_argument(
+        "--max-sequences-per-request",
+        type=int,
+        default=256,
+        help="most sequences (prompts x n) one request may run (default 256)",
+    )
+    p.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        help="on SIGTERM / Ctrl-C, seconds to let requests in flight finish before they are aborted (default 30)",
+    )
     p.add_argument("--log-level", default="info")
     add_engine_args(p)
 
@@ -52,9 +64,21 @@ def run(args: argparse.Namespace) -> int:
         model_path=path,
         max_model_len=engine.max_model_len,
         reasoning_mode=args.reasoning_mode,
+        max_sequences_per_request=args.max_sequences_per_request,
     )
     app = build_app(state, api_key=args.api_key, max_body_bytes=int(args.max_body_mb * (1 << 20)))
     url = f"http://{args.host}:{args.port}/v1"
     print(f"mmx: serving {state.model_name!r} on {url} ({chat.format.name} format)", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    # uvicorn stops accepting connections at once, waits up to the timeout for requests in flight, then cancels
+    # them; cancelling a request's generator aborts it in the engine
+    try:
+        uvicorn.run(
+            app,
+            host=args.host,
+            port=args.port,
+            log_level=args.log_level,
+            timeout_graceful_shutdown=args.shutdown_timeout,
+        )
+    finally:
+        state.engine.shutdown()
     return 0

@@ -13,6 +13,7 @@ _EXPORTS = {
     "EngineArgs": "mmx.engine.args",
     "InvalidRequest": "mmx.engine.llm_engine",
     "LLMEngine": "mmx.engine.llm_engine",
+    "RequestFailed": "mmx.engine.llm_engine",
     "RequestOutput": "mmx.engine.outputs",
     "SamplingParams": "mmx.engine.sampling_params",
 }
@@ -22,6 +23,7 @@ __all__ = [
     "EngineArgs",
     "InvalidRequest",
     "LLMEngine",
+    "RequestFailed",
     "RequestOutput",
     "SamplingParams",
 ]
@@ -29,7 +31,7 @@ __all__ = [
 if TYPE_CHECKING:
     from mmx.engine.args import EngineArgs
     from mmx.engine.async_engine import AsyncLLM
-    from mmx.engine.llm_engine import InvalidRequest, LLMEngine
+    from mmx.engine.llm_engine import InvalidRequest, LLMEngine, RequestFailed
     from mmx.engine.outputs import CompletionOutput, RequestOutput
     from mmx.engine.sampling_params import SamplingParams
 

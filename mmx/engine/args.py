@@ -19,6 +19,7 @@ class EngineArgs:
     cache_memory_gb: float | None = None  # KV blocks + state slots; None: 20% of RAM (at most 8 GB)
     enable_chunked_prefill: bool = True
     seed: int = 0
+    allow_non_finite_weights: bool = False  # load a checkpoint whose weights hold NaN / Inf (else refused)
 
     @classmethod
     def split(cls, kwargs: dict[str, Any]) -> tuple[EngineArgs, dict[str, Any]]:

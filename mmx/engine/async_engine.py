@@ -13,7 +13,7 @@ import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from mmx.engine.llm_engine import LLMEngine
+from mmx.engine.llm_engine import LLMEngine, RequestFailed
 from mmx.engine.outputs import RequestOutput
 from mmx.engine.sampling_params import SamplingParams
 from mmx.utils.logging import get_logger
@@ -49,7 +49,7 @@ class AsyncLLM:
         return self._thread.is_alive()
 
     def generate(
-        self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None
+        self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None, group: str | None = None
     ) -> AsyncIterator[RequestOutput]:
         """The request's outputs, one after every step that changes it; the last one has ``finished``. A request
         the engine refuses raises :class:`~mmx.engine.llm_engine.InvalidRequest` here, before anything streams.
@@ -59,12 +59,12 @@ class AsyncLLM:
         except Exception:
             self.stats.requests_failed += 1
             raise
-        return self._outputs(prompt_ids, params, request_id or f"req-{next(self._ids)}")
+        return self._outputs(prompt_ids, params, request_id or f"req-{next(self._ids)}", group)
 
-    async def _outputs(self, prompt_ids: list[int], params: SamplingParams, request_id: str):
+    async def _outputs(self, prompt_ids: list[int], params: SamplingParams, request_id: str, group: str | None):
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), stream)
-        self._commands.put(("add", request_id, prompt_ids, params))
+        self._commands.put(("add", request_id, prompt_ids, params, group))
         self._wake.set()
         finished = False
         try:
@@ -112,9 +112,9 @@ class AsyncLLM:
             except queue.Empty:
                 return
             if kind == "add":
-                prompt_ids, params = rest
+                prompt_ids, params, group = rest
                 try:
-                    self.engine.add_request(request_id, prompt_ids, params)
+                    self.engine.add_request(request_id, prompt_ids, params, group)
                     self.stats.prompt_tokens_total += len(prompt_ids)
                 except Exception as e:  # a bad request fails alone
                     self.stats.requests_failed += 1
@@ -150,4 +150,8 @@ class AsyncLLM:
             self.stats.waiting = len(self.engine.scheduler.waiting)
             for out in outputs:
                 self.stats.generation_tokens_total += sum(len(sample.new_token_ids) for sample in out.outputs)
-                self._deliver(out.request_id, out)
+                if out.error is not None:
+                    self.stats.requests_failed += 1
+                    self._deliver(out.request_id, RequestFailed(f"the engine failed this request: {out.error}"))
+                else:
+                    self._deliver(out.request_id, out)

@@ -20,10 +20,12 @@ from mmx.engine.args import EngineArgs
 from mmx.engine.cache import CacheLayout, HybridCache
 from mmx.engine.outputs import CompletionOutput, RequestOutput
 from mmx.engine.paged_batch import PagedBatch
+from mmx.engine.prompt_logprobs import PromptScores, plan_jobs, score
 from mmx.engine.sampler import Sampler
 from mmx.engine.sampling_params import SamplingParams
 from mmx.engine.scheduler import Scheduler, StepPlan
-from mmx.engine.sequence import Sequence
+from mmx.engine.sequence import Sequence, TokenLogprob
+from mmx.engine.structured import CompiledGrammar, GrammarCompiler
 from mmx.model.modeling import MiniMaxForCausalLM
 from mmx.utils.logging import get_logger
 
@@ -32,6 +34,10 @@ logger = get_logger(__name__)
 
 class InvalidRequest(ValueError):
     """A request the engine refuses (empty or too long a prompt, bad ids, duplicate id): the caller's fault."""
+
+
+class RequestFailed(RuntimeError):
+    """The engine could not go on with one request (its numbers went bad); the others in the batch went on."""
 
 
 def _default_cache_bytes(device: torch.device) -> int:
@@ -53,6 +59,10 @@ class _Request:
         self.seqs = [Sequence(request_id, i, prompt_ids, params) for i in range(params.n)]
         self.stop_reasons: list[str | int | None] = [None] * params.n
         self.sent = [0] * params.n  # tokens of each sequence already reported
+        self.error: str | None = None
+        self.prompt_scores = (
+            PromptScores(prompt_ids, params.prompt_logprobs) if params.prompt_logprobs is not None else None
+        )
 
     @property
     def finished(self) -> bool:
@@ -76,7 +86,16 @@ class _Request:
                     new_logprobs=seq.logprobs[sent:] if want_logprobs else None,
                 )
             )
-        return RequestOutput(self.request_id, None, self.prompt_ids, outs, self.finished)
+        scores = self.prompt_scores
+        return RequestOutput(
+            self.request_id,
+            None,
+            self.prompt_ids,
+            outs,
+            self.finished,
+            prompt_logprobs=scores.entries if scores is not None and scores.complete else None,
+            error=self.error,
+        )
 
 
 class LLMEngine:
@@ -108,6 +127,8 @@ class LLMEngine:
         self.eos_token_ids = sorted({*self.config.eos_token_ids, *eos_token_ids})
         self.sampler = Sampler(self.eos_token_ids, seed=args.seed)
         self.requests: dict[str, _Request] = {}
+        self._tokenizer_json: str | None = None  # what structured outputs compile against, when given
+        self._grammars: GrammarCompiler | None = None
         logger.info(
             "engine: %d KV blocks of %d tokens, %d state slots, max_model_len %d",
             layout.num_blocks,
@@ -123,8 +144,33 @@ class LLMEngine:
         args, rest = EngineArgs.split(kwargs)
         if rest:
             raise TypeError(f"unknown engine argument(s): {', '.join(sorted(rest))}")
-        model = load_model(resolve_model_path(path), dtype=args.dtype, device=args.device)
+        model = load_model(
+            resolve_model_path(path),
+            dtype=args.dtype,
+            device=args.device,
+            allow_non_finite_weights=args.allow_non_finite_weights,
+        )
         return cls(model, args, eos_token_ids)
+
+    def enable_structured_outputs(self, tokenizer_json: str) -> None:
+        """Let requests carry ``structured_outputs``: grammars are compiled against this tokenizer (the text of its
+        ``tokenizer.json``); the engine itself never sees text otherwise."""
+        self._tokenizer_json = tokenizer_json
+        self._grammars = None
+
+    def _compile(self, params: SamplingParams) -> CompiledGrammar:
+        """The request's grammar, compiled (cached by its text); InvalidRequest when it cannot be."""
+        if self._tokenizer_json is None:
+            raise InvalidRequest(
+                "structured_outputs need the model's tokenizer: use mmx.LLM or the server, or call "
+                "LLMEngine.enable_structured_outputs"
+            )
+        if self._grammars is None or self._grammars.eos_token_ids != tuple(self.eos_token_ids):
+            self._grammars = GrammarCompiler(self._tokenizer_json, self.config.vocab_size, self.eos_token_ids)
+        try:
+            return self._grammars.compile(params.structured_outputs)
+        except ValueError as e:
+            raise InvalidRequest(f"structured_outputs.{e}") from None
 
     # ------------------------------------------------------------------ requests
     def validate_request(self, prompt_ids: list[int], params: SamplingParams) -> list[int]:
@@ -149,15 +195,35 @@ class LLMEngine:
             )
         if not isinstance(params, SamplingParams):
             raise InvalidRequest(f"sampling params must be SamplingParams, got {type(params).__name__}")
+        try:
+            params.check_constraints()  # again: the fields may have been set after construction
+        except ValueError as e:
+            raise InvalidRequest(str(e)) from None
+        outside = [t for t in params.logit_bias or () if t >= self.config.vocab_size]
+        if outside:
+            raise InvalidRequest(
+                f"logit_bias: token id {outside[0]} is not in the vocabulary [0, {self.config.vocab_size})"
+            )
+        if params.structured_outputs is not None:
+            self._compile(params)  # cached: add_request finds it compiled
         return prompt_ids
 
-    def add_request(self, request_id: str, prompt_ids: list[int], params: SamplingParams | None = None) -> None:
+    def add_request(
+        self, request_id: str, prompt_ids: list[int], params: SamplingParams | None = None, group: str | None = None
+    ) -> None:
+        """``group``: requests that share it take turns with other groups as one (the prompts of one API request);
+        by default each request is its own group."""
         params = params or SamplingParams()
         if request_id in self.requests:
             raise InvalidRequest(f"request id {request_id!r} is already in use")
         request = _Request(request_id, self.validate_request(prompt_ids, params), params)
+        if params.structured_outputs is not None:
+            grammar = self._compile(params)
+            for seq in request.seqs:
+                seq.constraint = grammar.start()
         self.requests[request_id] = request
         for seq in request.seqs:
+            seq.group = group or request_id
             self.scheduler.add(seq)
 
     def finish_sequence(
@@ -199,11 +265,60 @@ class LLMEngine:
         batch = PagedBatch(self.cache, plan.decode, plan.prefill, self.device)
         ids = torch.tensor([batch.token_ids], dtype=torch.long, device=self.device)
         hidden = self.model.model(ids, batch.positions_tensor, cache=batch)
+        self._score_prompts(batch, hidden[0])
         if not batch.sampled:
             return []
         logits = self.model.compute_logits(hidden[0, batch.sample_rows])
-        picks = self.sampler(logits, batch.sampled)
-        return [(seq, token, logprob) for seq, (token, logprob) in zip(batch.sampled, picks)]
+        picks = self._sample(logits, batch.sampled)
+        for i, seq in enumerate(batch.sampled):
+            if seq.forced_tokens and picks[i][0] is not None:
+                picks[i] = self._forced(logits[i], seq.forced_tokens.pop(0), picks[i][1])
+        return [(seq, token, entry) for seq, (token, entry) in zip(batch.sampled, picks)]
+
+    @staticmethod
+    def _forced(logits: torch.Tensor, token: int, sampled: TokenLogprob | None) -> tuple[int, TokenLogprob | None]:
+        """A forced token in place of the sampled one; its log-prob entry (when asked for) is the model's."""
+        if sampled is None:
+            return token, None
+        return token, TokenLogprob(token, float(logits.float().log_softmax(-1)[token]), sampled.top)
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[tuple[int | None, Any]]:
+        """(token, log-prob entry) per sequence, or (None, why) for a sequence that cannot be sampled: logits
+        that are not finite, or a sampler error on its row (probabilities that went NaN under its penalties).
+        The batch is sampled at once; only when that fails is it retried row by row, so one bad row fails alone."""
+        finite = torch.isfinite(logits).all(-1).tolist()
+        if all(finite):
+            try:
+                return [self._checked(pick) for pick in self.sampler(logits, seqs)]
+            except Exception:  # find the row at fault below
+                pass
+        picks: list[tuple[int | None, Any]] = []
+        for i, seq in enumerate(seqs):
+            if not finite[i]:
+                picks.append((None, "the model's logits for this sequence are not finite (NaN or inf)"))
+                continue
+            try:
+                picks.append(self._checked(self.sampler(logits[i : i + 1], [seq])[0]))
+            except Exception as e:
+                picks.append((None, f"sampling failed: {e}"))
+        return picks
+
+    def _checked(self, pick: tuple[int, Any]) -> tuple[int | None, Any]:
+        token, entry = pick
+        if not 0 <= token < self.config.vocab_size:
+            return None, f"sampling produced token {token}, outside the vocabulary"
+        if entry is not None and not math.isfinite(entry.logprob) and entry.logprob != float("-inf"):
+            return None, "the sampled token's log-probability is NaN"
+        return token, entry
+
+    def _score_prompts(self, batch: PagedBatch, hidden: torch.Tensor) -> None:
+        """Prompt log-probs (for the requests that ask) from this forward's rows of their prompts."""
+
+        def scores_of(seq: Sequence) -> PromptScores | None:
+            request = self.requests.get(seq.request_id)
+            return request.prompt_scores if request is not None else None
+
+        score(self.model.compute_logits, hidden, plan_jobs(batch.spans, scores_of), self.config.vocab_size)
 
     def step(self) -> list[RequestOutput]:
         """Run one forward over the scheduled tokens; return outputs of the requests that changed."""
@@ -216,25 +331,52 @@ class LLMEngine:
         for seq, n in plan.prefill:
             seq.num_computed_tokens += n
         touched: dict[str, _Request] = {}
+        for seq in [*plan.decode, *(seq for seq, _ in plan.prefill)]:
+            if seq.params.max_tokens == 0 and seq.num_computed_tokens == seq.num_tokens and not seq.is_finished:
+                request = self.requests[seq.request_id]  # prefill only: done once the prompt is in
+                touched[request.request_id] = request
+                self.scheduler.finish(seq, "length")
         for seq, token, logprob in picked:
-            request = self.requests[seq.request_id]
+            request = self.requests.get(seq.request_id)
+            if request is None:  # failed earlier in this step by another of its samples
+                continue
             touched[request.request_id] = request
-            self._append(request, seq, token, logprob)
+            if token is None:
+                self._fail(request, logprob)
+            else:
+                self._append(request, seq, token, logprob)
         outputs = []
         for request in touched.values():
             outputs.append(request.output())
             if request.finished:
-                del self.requests[request.request_id]
+                self.requests.pop(request.request_id, None)
         return outputs
+
+    def _fail(self, request: _Request, why: str) -> None:
+        """End every sample of ``request`` with finish_reason "error"; the other requests are untouched."""
+        logger.warning("request %s failed: %s", request.request_id, why)
+        request.error = why
+        for seq in request.seqs:
+            if not seq.is_finished:
+                self.scheduler.finish(seq, "error")
 
     def _append(self, request: _Request, seq: Sequence, token: int, logprob: Any) -> None:
         p = seq.params
         seq.output_token_ids.append(token)
+        if seq.constraint is not None and not seq.constraint.advance(token):
+            self._fail(request, f"the structured-output grammar rejected token {token}: {seq.constraint.error}")
+            return
         if logprob is not None:
             seq.logprobs.append(logprob)
             if p.stop_after_confident_tokens is not None:
                 confident = logprob.logprob > math.log(p.confident_probability)
                 seq.confident_run = seq.confident_run + 1 if confident else 0
+        if p.reasoning_budget is not None and not seq.reasoning_done:
+            if token == p.think_close_id:
+                seq.reasoning_done = True
+            elif len(seq.output_token_ids) >= p.reasoning_budget:
+                seq.forced_tokens = list(p.reasoning_end_ids)
+                seq.reasoning_done = True
         reason, stop_reason = None, None
         if token in p.stop_token_ids:
             reason, stop_reason = "stop", token

@@ -15,7 +15,7 @@ class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
-    finish_reason: str | None = None  # "stop" | "length" | "repetition" | "abort"
+    finish_reason: str | None = None  # "stop" | "length" | "repetition" | "abort" | "error"
     stop_reason: str | int | None = None  # the stop string or stop token that ended it
     logprobs: list[TokenLogprob] | None = None
     new_token_ids: list[int] = field(default_factory=list)  # generated since the previous output
@@ -30,6 +30,10 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
+    # with SamplingParams.prompt_logprobs: one entry per prompt token (None for the first), on every output from
+    # the one where the prompt's prefill completed
+    prompt_logprobs: list[TokenLogprob | None] | None = None
+    error: str | None = None  # why the engine failed this request (it alone; the rest of the batch goes on)
 
     # the first sample, for the common n = 1 case
     @property

@@ -38,11 +38,14 @@ class PagedBatch:
         self.token_ids = [tok for seq, a, n in zip(seqs, starts, lengths) for tok in seq.tokens(a, a + n)]
         positions = [p for a, n in zip(starts, lengths) for p in range(a, a + n)]
         self.positions_tensor = torch.tensor([positions], dtype=torch.long, device=device)
-        # rows of the hidden state whose next token is sampled: the last fed token of sequences fed to their end
         offsets = [0]
         for n in lengths:
             offsets.append(offsets[-1] + n)
-        ends = [a + n == seq.num_tokens for seq, a, n in zip(seqs, starts, lengths)]
+        # (sequence, first position fed, tokens fed, first row of the hidden state) of every sequence fed
+        self.spans = list(zip(seqs, starts, lengths, offsets))
+        # rows of the hidden state whose next token is sampled: the last fed token of sequences fed to their end
+        # (a prefill-only request, max_tokens 0, samples nothing)
+        ends = [a + n == seq.num_tokens and seq.params.max_tokens != 0 for seq, a, n in zip(seqs, starts, lengths)]
         self.sample_rows = [offsets[i + 1] - 1 for i, end in enumerate(ends) if end]
         self.sampled = [seq for seq, end in zip(seqs, ends) if end]
         long = dict(dtype=torch.long, device=device)

@@ -1,8 +1,10 @@
 """Picking the next token of each sequence from its logits.
 
-Order: raw log-probabilities (reported, before anything else), penalties, EOS suppression under ``min_tokens``,
-then greedy argmax or temperature / top-k / top-p / min-p sampling. A request with a seed samples from its own
-generator, row by row, so its tokens do not depend on what else is in the batch.
+Order: raw log-probabilities (reported, before anything else), penalties, ``logit_bias``, EOS suppression under
+``min_tokens``, the structured-output mask (:mod:`mmx.engine.structured`), then greedy argmax or temperature /
+top-k / top-p / min-p sampling. A request with a seed samples from its own generator, row by row, so its tokens do
+not depend on what else is in the batch. Rows that need none of the adjustments (greedy, no penalties, bias,
+constraint or log-probabilities) are picked by one argmax over them all.
 """
 
 from __future__ import annotations
@@ -10,6 +12,9 @@ from __future__ import annotations
 import torch
 
 from mmx.engine.sequence import Sequence, TokenLogprob
+from mmx.engine.structured import allowed_tokens
+
+BANNED_BIAS = -100.0  # OpenAI: -100 "should result in a ban"; mmx makes it one (-inf), whatever the logits
 
 
 def apply_penalties(logits: torch.Tensor, seq: Sequence) -> torch.Tensor:
@@ -26,6 +31,15 @@ def apply_penalties(logits: torch.Tensor, seq: Sequence) -> torch.Tensor:
         out = torch.tensor(seq.output_token_ids, dtype=torch.long, device=logits.device)
         counts = torch.bincount(out, minlength=vocab)[:vocab].to(logits.dtype)
         logits -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(logits.dtype)
+    return logits
+
+
+def apply_logit_bias(logits: torch.Tensor, bias: dict[int, float]) -> torch.Tensor:
+    """OpenAI's logit_bias: each value added to its token's logit; -100 bans the token outright."""
+    ids = torch.tensor(list(bias), dtype=torch.long)
+    values = torch.tensor([float("-inf") if v <= BANNED_BIAS else v for v in bias.values()], dtype=logits.dtype)
+    keep = ids < logits.shape[-1]
+    logits[ids[keep]] += values[keep]
     return logits
 
 
@@ -47,6 +61,19 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float, min_p: float) 
     return logits
 
 
+def _plain(seq: Sequence) -> bool:
+    """Greedy with nothing to adjust: the row's argmax is its token."""
+    p = seq.params
+    return (
+        p.greedy
+        and not p.needs_token_counts
+        and not p.logit_bias
+        and seq.constraint is None
+        and len(seq.output_token_ids) >= p.min_tokens
+        and p.logprobs is None
+    )
+
+
 class Sampler:
     def __init__(self, eos_token_ids: list[int], seed: int = 0):
         self.eos_token_ids = list(eos_token_ids)
@@ -55,26 +82,22 @@ class Sampler:
     def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[tuple[int, TokenLogprob | None]]:
         """logits [n, vocab] (float32) of the sequences ``seqs`` -> one (token, logprob entry) per sequence."""
         logits = logits.float().cpu()
-        want_logprobs = any(s.params.logprobs is not None for s in seqs)
-        raw = logits.log_softmax(-1) if want_logprobs else None
-        plain = [
-            s.params.greedy
-            and not s.params.needs_token_counts
-            and len(s.output_token_ids) >= s.params.min_tokens
-            and s.params.logprobs is None
-            for s in seqs
-        ]
+        plain = [_plain(s) for s in seqs]
         if all(plain):  # the common greedy batch: one argmax for every row
             return [(int(t), None) for t in logits.argmax(-1).tolist()]
+        argmax = logits.argmax(-1).tolist() if any(plain) else None
+        masked = [i for i, s in enumerate(seqs) if s.constraint is not None]
+        allowed = {}
+        if masked:
+            allowed = dict(zip(masked, allowed_tokens([seqs[i].constraint for i in masked], logits.shape[-1])))
+        raw = logits.log_softmax(-1) if any(s.params.logprobs is not None for s in seqs) else None
         results = []
         for i, seq in enumerate(seqs):
-            row = logits[i].clone()
+            if plain[i]:
+                results.append((int(argmax[i]), None))
+                continue
             p = seq.params
-            if p.needs_token_counts:
-                row = apply_penalties(row, seq)
-            if len(seq.output_token_ids) < p.min_tokens:
-                banned = ([] if p.ignore_eos else self.eos_token_ids) + p.stop_token_ids
-                row[[t for t in banned if t < row.shape[-1]]] = float("-inf")
+            row = self._adjusted(logits[i], seq, allowed.get(i))
             if p.greedy:
                 token = int(row.argmax())
             else:
@@ -83,9 +106,29 @@ class Sampler:
                 generator = seq.generator if seq.generator is not None else self.generator
                 token = int(torch.multinomial(probs, 1, generator=generator))
             entry = None
-            if p.logprobs is not None:
+            if p.logprobs is not None:  # the model's own distribution, before any of the adjustments above
                 top = raw[i].topk(p.logprobs) if p.logprobs else None
                 ranked = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
                 entry = TokenLogprob(token, float(raw[i, token]), ranked)
             results.append((token, entry))
         return results
+
+    def _adjusted(self, logits: torch.Tensor, seq: Sequence, allowed: torch.Tensor | None) -> torch.Tensor:
+        """One row's logits after penalties, bias, min_tokens and the grammar's mask. The grammar wins every
+        conflict: when min_tokens or a -100 bias would leave no token the grammar allows (its end, where only EOS
+        may follow), they give way."""
+        p = seq.params
+        row = logits.clone()
+        if p.needs_token_counts:
+            row = apply_penalties(row, seq)
+        if p.logit_bias:
+            row = apply_logit_bias(row, p.logit_bias)
+        if len(seq.output_token_ids) < p.min_tokens:
+            banned = ([] if p.ignore_eos else self.eos_token_ids) + p.stop_token_ids
+            row[[t for t in banned if t < row.shape[-1]]] = float("-inf")
+        if allowed is None:
+            return row
+        row = row.masked_fill(~allowed, float("-inf"))
+        if not torch.isfinite(row).any():
+            row = logits.masked_fill(~allowed, float("-inf"))
+        return row

@@ -2,14 +2,15 @@
 
 Every step fills a token budget. Running sequences come first, oldest first: a decoding sequence feeds its one
 new token, a sequence still prefilling feeds the next chunk of its prompt. Waiting sequences are admitted while
-the budget, the state slots and the KV blocks allow. When a running sequence cannot get the block it needs, the
-newest running sequences are preempted: their cache is dropped and they go back to the front of the queue, to be
-recomputed later (a lightning state cannot be swapped out piecewise, and recomputing is what vLLM does too).
+the budget, the state slots and the KV blocks allow, fairly across requests (:meth:`Scheduler._next_waiting`).
+When a running sequence cannot get the block it needs, the newest running sequences are preempted: their cache
+is dropped and they go back to the front of the queue, to be recomputed later (a lightning state cannot be
+swapped out piecewise, and recomputing is what vLLM does too).
 """
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 
 from mmx.engine.cache import HybridCache
@@ -46,10 +47,14 @@ class Scheduler:
         self.chunked_prefill = chunked_prefill
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self._live: Counter[str] = Counter()  # unfinished sequences of each group
+        self._admitted: Counter[str] = Counter()  # sequences of each live group admitted so far
+        self._preempted: set[int] = set()
         self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
+        self._live[seq.group] += 1
 
     def _tokens_for(self, seq: Sequence, budget: int) -> int:
         """How many pending tokens ``seq`` feeds with ``budget`` left (0: it must wait for a later step)."""
@@ -82,11 +87,15 @@ class Scheduler:
                 plan.prefill.append((seq, n))
             budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
+            seq = self._next_waiting()
             n = self._tokens_for(seq, budget)
             if n == 0 or not self.cache.can_admit(seq, n):
                 break
-            self.waiting.popleft()
+            self.waiting.remove(seq)
+            if seq.seq_id in self._preempted:
+                self._preempted.discard(seq.seq_id)
+            else:
+                self._admitted[seq.group] += 1
             self.cache.grow(seq, n)
             seq.status = Status.RUNNING
             self.running.append(seq)
@@ -100,11 +109,29 @@ class Scheduler:
             )
         return plan
 
+    def _next_waiting(self) -> Sequence:
+        """Fair admission. A preempted sequence comes back first (its work is being redone); otherwise the next
+        sequence is the one whose group (an API request: its prompts x n samples) has had the fewest sequences
+        admitted so far, the longest waiting among equals. A request of many sequences thus takes turns with the
+        others instead of going ahead of them: a small request that arrives behind it gets the next free place."""
+        head = self.waiting[0]
+        if head.seq_id in self._preempted:
+            return head
+        best, fewest = head, self._admitted[head.group]
+        for seq in self.waiting:
+            if fewest == 0:
+                break
+            count = self._admitted[seq.group]
+            if count < fewest:
+                best, fewest = seq, count
+        return best
+
     def _preempt(self, seq: Sequence) -> None:
         self.cache.release(seq)
         self.running.remove(seq)
         seq.reset_cache()
         self.waiting.appendleft(seq)
+        self._preempted.add(seq.seq_id)
         self.num_preemptions += 1
 
     def finish(self, seq: Sequence, reason: str) -> None:
@@ -117,3 +144,8 @@ class Scheduler:
             self.waiting.remove(seq)
         self.cache.release(seq)
         seq.finish(reason)
+        self._preempted.discard(seq.seq_id)
+        self._live[seq.group] -= 1
+        if self._live[seq.group] <= 0:
+            del self._live[seq.group]
+            self._admitted.pop(seq.group, None)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mmx.engine.sampling_params import SamplingParams
+from mmx.engine.structured import SequenceConstraint
 
 _ids = itertools.count()
 
@@ -24,6 +25,7 @@ class TokenLogprob:
     token_id: int
     logprob: float
     top: list[tuple[int, float]] = field(default_factory=list)  # (token id, logprob), best first
+    rank: int | None = None  # 1 + how many tokens were more likely (prompt tokens; vLLM reports it)
 
 
 class Sequence:
@@ -33,6 +35,7 @@ class Sequence:
     def __init__(self, request_id: str, index: int, prompt_token_ids: list[int], params: SamplingParams):
         self.seq_id = next(_ids)
         self.request_id = request_id
+        self.group = request_id  # whose turn it is when admitting (several engine requests may be one API request)
         self.index = index  # position among the request's n samples
         self.prompt_token_ids = list(prompt_token_ids)
         self.output_token_ids: list[int] = []
@@ -47,6 +50,9 @@ class Sequence:
         if params.seed is not None:
             self.generator = torch.Generator().manual_seed(params.seed + index)
         self.confident_run = 0  # consecutive sampled tokens above params.confident_probability
+        self.forced_tokens: list[int] = []  # the next tokens, whatever is sampled (a reasoning budget's end)
+        self.reasoning_done = False
+        self.constraint: SequenceConstraint | None = None  # its place in params.structured_outputs' grammar
 
     @property
     def token_ids(self) -> list[int]:

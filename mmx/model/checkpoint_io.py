@@ -22,9 +22,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from mmx.config import MiniMaxConfig
+from mmx.config import ARCH_M1, ConfigError, MiniMaxConfig, read_config_file
 from mmx.model.fp8 import FP8_DTYPES, block_size_from, dequantize_fp8, expected_scale_shape
-from mmx.model.safetensors_io import SafetensorsReader
+from mmx.model.safetensors_io import SafetensorsReader, TensorInfo
 from mmx.utils.io import atomic_write_text, atomic_write_with
 from mmx.utils.logging import get_logger
 
@@ -164,11 +164,7 @@ def checkpoint_files(directory: str) -> dict[str, str]:
     """Tensor name -> shard path, from the index when there is one. Missing shards are named in the error."""
     index_path = os.path.join(directory, INDEX_FILE)
     if os.path.exists(index_path):
-        with open(index_path, encoding="utf-8") as f:
-            try:
-                weight_map = json.load(f)["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
-                raise CheckpointError(f"{index_path}: not a safetensors index ({e})") from e
+        weight_map = _read_weight_map(index_path)
         missing = sorted({shard for shard in weight_map.values() if not os.path.exists(os.path.join(directory, shard))})
         if missing:
             raise FileNotFoundError(
@@ -188,6 +184,27 @@ def checkpoint_files(directory: str) -> dict[str, str]:
         for key in SafetensorsReader(file).tensors:
             out[key] = file
     return out
+
+
+def _read_weight_map(index_path: str) -> dict[str, str]:
+    """The index's tensor name -> shard file map, each shard a file inside the checkpoint directory."""
+    try:
+        with open(index_path, encoding="utf-8") as f:
+            index = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{index_path}: not valid JSON ({e})") from e
+    if not isinstance(index, dict) or "weight_map" not in index:
+        raise CheckpointError(f'{index_path}: not a safetensors index (no "weight_map" object)')
+    weight_map = index["weight_map"]
+    if not isinstance(weight_map, dict):
+        raise CheckpointError(f"{index_path}: weight_map is a {type(weight_map).__name__}, not an object")
+    for key, shard in weight_map.items():
+        inside = isinstance(shard, str) and shard and not os.path.isabs(shard)
+        if not inside or os.path.normpath(shard).split(os.sep)[0] == os.pardir:
+            raise CheckpointError(
+                f"{index_path}: weight_map places {key!r} in {shard!r}, which is not a file name in the checkpoint"
+            )
+    return weight_map
 
 
 # ---------------------------------------------------------------------------------------------------- loading
@@ -212,6 +229,104 @@ def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     return names[key]
 
 
+class _Headers:
+    """The headers of a checkpoint's shards, each parsed once per load, and where each tensor lives."""
+
+    def __init__(self, files: dict[str, str]):
+        self.files = files
+        self._readers: dict[str, SafetensorsReader] = {}
+
+    def reader(self, file: str) -> SafetensorsReader:
+        if file not in self._readers:
+            self._readers[file] = SafetensorsReader(file)
+        return self._readers[file]
+
+    def info(self, key: str) -> TensorInfo:
+        file = self.files[key]
+        tensors = self.reader(file).tensors
+        if key not in tensors:
+            raise CheckpointError(f"{INDEX_FILE} places {key!r} in {os.path.basename(file)}, which lacks it")
+        return tensors[key]
+
+    def shape(self, *keys: str) -> tuple[str, tuple[int, ...]] | None:
+        """(key, shape) of the first of ``keys`` the checkpoint holds."""
+        for key in keys:
+            if key in self.files:
+                return key, self.info(key).shape
+        return None
+
+
+def _layers_held(headers: _Headers) -> set[int]:
+    return {int(m[1]) for m in map(_LAYER_KEY.match, headers.files) if m}
+
+
+def check_layer_count(num_layers: object, headers: _Headers) -> None:
+    """``num_hidden_layers`` against the decoder layers the checkpoint holds weights for. Run on the raw config
+    value too, before the config itself builds per-layer lists (10 million layers would take seconds; 10**9,
+    gigabytes)."""
+    if not isinstance(num_layers, int) or isinstance(num_layers, bool) or num_layers < 1:
+        return  # the config reader names a value that is not a positive integer
+    below = sorted(i for i in _layers_held(headers) if i < num_layers)
+    if len(below) < num_layers:
+        first_absent = next(i for i in range(len(below) + 1) if i >= len(below) or below[i] != i)
+        held = f"layers {below[0]}..{below[-1]} ({len(below)} of them)" if below else "no decoder layers"
+        raise ConfigError(
+            "num_hidden_layers",
+            f"{num_layers}, but the checkpoint holds weights for {held}; model.layers.{first_absent}.* is absent",
+        )
+
+
+def check_config_fits_weights(config: MiniMaxConfig, headers: _Headers) -> None:
+    """The config's sizes against the tensors the checkpoint holds, from the shard headers alone.
+
+    Building even an empty model costs time and memory in proportion to the config (one module per layer, one
+    decay table per lightning head), so a config that describes another model, or an absurd one, is refused here,
+    naming the key. The full tensor-by-tensor comparison follows in :func:`_plan`."""
+    n = config.num_hidden_layers
+    check_layer_count(n, headers)
+    layers = _layers_held(headers)
+    if config.architecture == ARCH_M1 and max(layers, default=-1) >= n:
+        # M2 numbers its multi-token-prediction modules after the last layer; M1 has none, so these are real layers.
+        raise ConfigError("num_hidden_layers", f"{n}, but the checkpoint holds layers up to {max(layers)}")
+
+    def expect(found: tuple[str, tuple[int, ...]] | None, expected: tuple[tuple[str, int], ...]) -> None:
+        if found is None or len(found[1]) != len(expected):
+            return  # absent tensors and wrong ranks are reported by _plan, with every other problem
+        key, shape = found
+        for size, (field, value) in zip(shape, expected):
+            if size != value:
+                raise ConfigError(field.split("*")[0].strip(), f"{field} = {value}, but {key} has shape {list(shape)}")
+
+    vocab, hidden = ("vocab_size", config.vocab_size), ("hidden_size", config.hidden_size)
+    expect(headers.shape("model.embed_tokens.weight"), (vocab, hidden))
+    if not config.tie_word_embeddings:
+        expect(headers.shape("lm_head.weight"), (vocab, hidden))
+    heads = config.num_attention_heads * config.head_dim
+    for i in range(n):
+        prefix = f"model.layers.{i}"
+        expect(
+            headers.shape(f"{prefix}.block_sparse_moe.gate.weight", f"{prefix}.mlp.gate.weight"),
+            (("num_local_experts", config.num_local_experts), hidden),
+        )
+        expect(headers.shape(f"{prefix}.self_attn.q_proj.weight"), (("num_attention_heads * head_dim", heads), hidden))
+        expect(
+            headers.shape(f"{prefix}.self_attn.qkv_proj.weight"),
+            (("num_attention_heads * head_dim * 3", 3 * heads), hidden),
+        )
+        expect(
+            headers.shape(f"{prefix}.block_sparse_moe.experts.0.w1.weight"),
+            (("intermediate_size", config.intermediate_size), hidden),
+        )
+        expect(
+            headers.shape(f"{prefix}.mlp.experts.gate_up_proj"),
+            (
+                ("num_local_experts", config.num_local_experts),
+                ("intermediate_size * 2", 2 * config.intermediate_size),
+                hidden,
+            ),
+        )
+
+
 @dataclass
 class _Plan:
     entries: list[tuple[str, str, Target]]  # (checkpoint key, file, target)
@@ -219,17 +334,9 @@ class _Plan:
     skipped_mtp: int
 
 
-def _plan(config: MiniMaxConfig, model: nn.Module, files: dict[str, str]) -> _Plan:
-    readers: dict[str, SafetensorsReader] = {}
-
-    def info(key: str):
-        file = files[key]
-        if file not in readers:
-            readers[file] = SafetensorsReader(file)
-        if key not in readers[file].tensors:
-            raise CheckpointError(f"{INDEX_FILE} places {key!r} in {os.path.basename(file)}, which lacks it")
-        return readers[file].tensors[key]
-
+def _plan(config: MiniMaxConfig, model: nn.Module, headers: _Headers) -> _Plan:
+    files = headers.files
+    info = headers.info
     tensors = dict(model.state_dict(keep_vars=True))
     block = block_size_from(config.quantization_config)
     unexpected, mismatched, problems = [], [], []
@@ -256,14 +363,21 @@ def _plan(config: MiniMaxConfig, model: nn.Module, files: dict[str, str]) -> _Pl
         if tuple(dest.shape) != meta.shape:
             mismatched.append(f"{key}: checkpoint {list(meta.shape)}, model expects {list(dest.shape)}")
             continue
+        if dest.is_floating_point() and not meta.dtype.is_floating_point:
+            # Integer or boolean bytes would be converted to numbers that were never weights.
+            problems.append(f"{key} is stored as {meta.dtype}; a floating-point weight is expected")
+            continue
         scale_key = key[: -len("weight")] + "weight_scale_inv" if key.endswith(".weight") else None
         if meta.dtype in FP8_DTYPES:
             if scale_key not in files:
                 problems.append(f"{key} is {meta.dtype} but has no {scale_key}")
                 continue
-            scale_shape = info(scale_key).shape
-            if len(meta.shape) != 2 or scale_shape != expected_scale_shape(meta.shape, block):
-                problems.append(f"{scale_key}: shape {list(scale_shape)} does not tile {list(meta.shape)} in {block}")
+            scale = info(scale_key)
+            if len(meta.shape) != 2 or scale.shape != expected_scale_shape(meta.shape, block):
+                problems.append(f"{scale_key}: shape {list(scale.shape)} does not tile {list(meta.shape)} in {block}")
+                continue
+            if not scale.dtype.is_floating_point or scale.dtype in FP8_DTYPES:
+                problems.append(f"{scale_key} is stored as {scale.dtype}; FP8 scales are float32 (or bfloat16)")
                 continue
             scales[key] = (scale_key, files[scale_key])
         entries.append((key, files[key], target))
@@ -271,6 +385,8 @@ def _plan(config: MiniMaxConfig, model: nn.Module, files: dict[str, str]) -> _Pl
         weight_key = scale_key[: -len("_scale_inv")]
         if weight_key not in scales and map_key(weight_key, config) not in (SKIP, SKIP_MTP):
             if weight_key in files:
+                if info(weight_key).dtype in FP8_DTYPES:
+                    continue  # the weight's own problem is reported above
                 problems.append(f"{scale_key} belongs to {weight_key}, which is not FP8")
             else:
                 unexpected.append(scale_key)
@@ -298,16 +414,35 @@ def _plan(config: MiniMaxConfig, model: nn.Module, files: dict[str, str]) -> _Pl
     return _Plan(entries, scales, skipped_mtp)
 
 
-def _default_dtype(config: MiniMaxConfig, files: dict[str, str]) -> torch.dtype:
+def _default_dtype(config: MiniMaxConfig, headers: _Headers) -> torch.dtype:
     configured = parse_dtype(config.torch_dtype) if config.torch_dtype else None
     if configured is not None:
         return configured
     key = "model.embed_tokens.weight"
-    if key in files:
-        stored = SafetensorsReader(files[key]).tensors[key].dtype
+    if key in headers.files:
+        stored = headers.info(key).dtype
         if stored in (torch.float32, torch.bfloat16, torch.float16):
             return stored
     return torch.float32
+
+
+def check_finite(key: str, file: str, loaded: torch.Tensor, stored: torch.dtype) -> None:
+    """Refuse a weight holding NaN or Inf: the model would compute garbage (or NaN) for every token.
+
+    ``aminmax`` is one pass with no temporary tensor, and its min and max are both finite exactly when every
+    element is (NaN propagates, an infinity is an extreme); the element counts are taken only for the message."""
+    if loaded.numel() == 0:
+        return
+    low, high = torch.aminmax(loaded)
+    if bool(torch.isfinite(low)) and bool(torch.isfinite(high)):
+        return
+    nan = int(torch.isnan(loaded).sum())
+    inf = int(torch.isinf(loaded).sum())
+    cast = f" (stored as {stored}, loaded as {loaded.dtype})" if stored != loaded.dtype else ""
+    raise CheckpointError(
+        f"tensor {key!r} in {os.path.basename(file)} holds {nan} NaN and {inf} infinite values{cast}: the checkpoint "
+        "is corrupt; allow_non_finite_weights=True (--allow-non-finite-weights) loads it anyway"
+    )
 
 
 def empty_model(model_cls: type[Model], config: MiniMaxConfig, dtype: torch.dtype, device: str | torch.device) -> Model:
@@ -326,49 +461,50 @@ def load_checkpoint(
     dtype: torch.dtype | str | None = None,
     device: str | torch.device = "cpu",
     progress: bool | None = None,
+    allow_non_finite_weights: bool = False,
 ) -> Model:
     """Load a MiniMax checkpoint directory (official M1 / Text-01, transformers-native, or M2, FP8 included) into
     a new ``model_cls`` built from its config.json.
 
     ``dtype`` None means the config's ``torch_dtype``, else the stored embedding dtype. Peak memory is the model
-    plus one tensor."""
+    plus one tensor. A weight holding NaN or Inf (as loaded, so also one that overflows ``dtype``) is an error
+    naming it, unless ``allow_non_finite_weights``."""
     directory = resolve_model_path(path)
-    config = MiniMaxConfig.from_pretrained(directory)
-    files = checkpoint_files(directory)
-    dtype = parse_dtype(dtype) or _default_dtype(config, files)
+    raw_config = read_config_file(directory)
+    headers = _Headers(checkpoint_files(directory))
+    if isinstance(raw_config, dict):
+        check_layer_count(raw_config.get("num_hidden_layers"), headers)
+    config = MiniMaxConfig.from_dict(raw_config)
+    check_config_fits_weights(config, headers)
+    dtype = parse_dtype(dtype) or _default_dtype(config, headers)
     with torch.device("meta"):
         meta_model = model_cls(config)
-    plan = _plan(config, meta_model, files)
+    plan = _plan(config, meta_model, headers)
     if plan.skipped_mtp:
         logger.info("skipping %d multi-token-prediction (MTP) tensors: mmx runs the main model only", plan.skipped_mtp)
     model = empty_model(model_cls, config, dtype, device)
     destinations = dict(model.state_dict(keep_vars=True))
     block = block_size_from(config.quantization_config)
-    readers: dict[str, SafetensorsReader] = {}
-
-    def reader(file: str) -> SafetensorsReader:
-        if file not in readers:
-            readers[file] = SafetensorsReader(file)
-        return readers[file]
-
-    total_bytes = sum(reader(file).tensors[key].nbytes for key, file, _ in plan.entries)
+    total_bytes = sum(headers.info(key).nbytes for key, _, _ in plan.entries)
     show = progress if progress is not None else total_bytes > 2**30
     bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="loading weights", disable=not show)
     # Sequential reads: by file, then by position in the file.
-    ordered = sorted(plan.entries, key=lambda e: (e[1], reader(e[1]).tensors[e[0]].begin))
+    ordered = sorted(plan.entries, key=lambda e: (e[1], headers.info(e[0]).begin))
     with torch.no_grad():
         for key, file, target in ordered:
             dest = target.view(destinations[target.name].data)
-            src = reader(file)
+            src = headers.reader(file)
             meta = src.tensors[key]
             if key in plan.scales:
                 scale_key, scale_file = plan.scales[key]
-                value = dequantize_fp8(src.read(key), reader(scale_file).read(scale_key), block, dest.dtype)
+                value = dequantize_fp8(src.read(key), headers.reader(scale_file).read(scale_key), block, dest.dtype)
                 dest.copy_(value)
             elif dest.device.type == "cpu" and dest.dtype == meta.dtype and dest.is_contiguous():
                 src.read(key, out=dest)
             else:
                 dest.copy_(src.read(key))
+            if not allow_non_finite_weights:
+                check_finite(key, file, dest, meta.dtype)
             bar.update(meta.nbytes)
     bar.close()
     if config.quantization_config:

@@ -7,7 +7,9 @@ own size plus the largest tensor that needs converting, and lets a tensor land d
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -46,8 +48,18 @@ class TensorInfo:
         return self.end - self.begin
 
 
+def _is_count(value: object) -> bool:
+    """A non-negative JSON integer (bool is an int to Python, not to the format)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 class SafetensorsReader:
-    """Header of one file, and reads of single tensors from it."""
+    """Header of one file, and reads of single tensors from it.
+
+    The header is checked in full before anything is read: it is a JSON object; every entry has a known dtype, a
+    shape of non-negative integers and a byte range that lies inside the data section, is as long as dtype x shape
+    says, and overlaps no other tensor's range. A file that breaks any of these is corrupt or hostile, and reading
+    it would yield garbage (or another tensor's bytes) rather than an error."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = os.fspath(path)
@@ -63,21 +75,54 @@ class SafetensorsReader:
                 header = json.loads(f.read(header_len))
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 raise SafetensorsError(f"{self.path}: unreadable header ({e})") from e
-        self.metadata: dict = header.pop("__metadata__", None) or {}
+        if not isinstance(header, dict):
+            raise SafetensorsError(f"{self.path}: the header is a JSON {type(header).__name__}, not an object")
+        metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(metadata, dict):
+            raise SafetensorsError(f"{self.path}: __metadata__ is a {type(metadata).__name__}, not an object")
+        self.metadata: dict = metadata
         data_start = 8 + header_len
         self.tensors: dict[str, TensorInfo] = {}
         for name, entry in header.items():
-            dtype = DTYPES.get(entry.get("dtype"))
-            if dtype is None:
-                raise SafetensorsError(f"{self.path}: tensor {name!r} has unsupported dtype {entry.get('dtype')!r}")
-            begin, end = entry["data_offsets"]
-            info = TensorInfo(dtype, tuple(entry["shape"]), data_start + begin, data_start + end)
-            numel = 1
-            for dim in info.shape:
-                numel *= dim
-            if info.end > size or info.nbytes != numel * dtype.itemsize:
-                raise SafetensorsError(f"{self.path}: tensor {name!r} is truncated or inconsistent with its shape")
-            self.tensors[name] = info
+            self.tensors[name] = self._entry(name, entry, data_start, size)
+        self._check_no_overlap()
+
+    def _entry(self, name: str, entry: object, data_start: int, size: int) -> TensorInfo:
+        where = f"{self.path}: tensor {name!r}"
+        if not isinstance(entry, dict):
+            raise SafetensorsError(f"{where}: entry is a {type(entry).__name__}, not an object")
+        dtype_name = entry.get("dtype")
+        dtype = DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
+        if dtype is None:
+            raise SafetensorsError(f"{where} has unsupported dtype {dtype_name!r}; allowed: {', '.join(DTYPES)}")
+        shape = entry.get("shape")
+        if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+            raise SafetensorsError(f"{where}: shape {shape!r} is not a list of non-negative integers")
+        offsets = entry.get("data_offsets")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets):
+            raise SafetensorsError(f"{where}: data_offsets {offsets!r} are not two non-negative integers")
+        begin, end = offsets
+        if begin > end:
+            raise SafetensorsError(f"{where}: data_offsets {offsets} begin after they end")
+        if data_start + end > size:
+            raise SafetensorsError(
+                f"{where}: data_offsets {offsets} run past the {size - data_start}-byte data section "
+                "(the file is truncated or the header is wrong)"
+            )
+        numel = math.prod(shape)
+        if end - begin != numel * dtype.itemsize:
+            raise SafetensorsError(
+                f"{where}: data_offsets {offsets} hold {end - begin} bytes, but {dtype_name} {shape} "
+                f"needs {numel * dtype.itemsize}"
+            )
+        return TensorInfo(dtype, tuple(shape), data_start + begin, data_start + end)
+
+    def _check_no_overlap(self) -> None:
+        """Two tensors sharing bytes would alias each other; the format gives each its own range."""
+        ranges = sorted((info.begin, info.end, name) for name, info in self.tensors.items() if info.nbytes)
+        for (_, end, first), (begin, _, second) in itertools.pairwise(ranges):
+            if begin < end:
+                raise SafetensorsError(f"{self.path}: the byte ranges of tensors {first!r} and {second!r} overlap")
 
     def keys(self) -> list[str]:
         return list(self.tensors)

@@ -65,9 +65,17 @@ def load_model(
     dtype: torch.dtype | str | None = None,
     device: str | torch.device = "cpu",
     progress: bool | None = None,
+    allow_non_finite_weights: bool = False,
 ) -> MiniMaxForCausalLM:
     """Load a MiniMax checkpoint directory (official M1 / Text-01, transformers-native, or M2, FP8 included).
 
     ``dtype`` None means the config's ``torch_dtype``, else the stored embedding dtype. Peak memory is the model
-    plus one tensor."""
-    return load_checkpoint(MiniMaxForCausalLM, path, dtype=dtype, device=device, progress=progress)
+    plus one tensor. A weight holding NaN or Inf is an error naming it, unless ``allow_non_finite_weights``."""
+    return load_checkpoint(
+        MiniMaxForCausalLM,
+        path,
+        dtype=dtype,
+        device=device,
+        progress=progress,
+        allow_non_finite_weights=allow_non_finite_weights,
+    )

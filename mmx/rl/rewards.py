@@ -11,7 +11,8 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from mmx.sandbox import Limits, run_python
+from mmx.sandbox import Limits
+from mmx.sandbox.judge import run_tests
 from mmx.tasks.episodes import Episode
 
 RewardFunction = Callable[[Episode, dict[str, Any]], "float | tuple[float, bool]"]
@@ -136,11 +137,13 @@ def extract_code(text: str) -> str:
 
 
 def code_reward(episode: Episode, record: dict[str, Any], limits: Limits | None = None) -> tuple[float, bool]:
-    """1 when the response's code passes ``record["tests"]`` (Python asserts) in the sandbox, else 0."""
-    program = extract_code(episode.final_content) + "\n\n" + record["tests"] + "\n"
-    result = run_python(program, limits=limits or Limits(timeout=10, memory_mb=512))
-    episode.metadata["sandbox"] = result.summary()
-    return float(result.ok), result.ok
+    """1 when the response's code passes ``record["tests"]`` (Python asserts) in the sandbox, else 0. The verdict
+    comes from the test harness after the last assert (:mod:`mmx.sandbox.judge`), never from the exit status or the
+    output, so a submission that exits early, kills itself or patches builtins gets 0."""
+    limits = limits or Limits(timeout=10, memory_mb=512)
+    verdict = run_tests(extract_code(episode.final_content), record["tests"], limits)
+    episode.metadata["sandbox"] = verdict.summary()
+    return float(verdict.passed), verdict.passed
 
 
 # ---------------------------------------------------------------------------------------------------- format and tools

@@ -37,9 +37,9 @@ from mmx.rl.losses import policy_loss
 from mmx.rl.rewards import format_ok
 from mmx.rl.tasks import build_task
 from mmx.tasks.episodes import Episode, run_episodes
-from mmx.train.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
+from mmx.train.checkpoint import clean_out_dir, latest_checkpoint, load_trainer_state, save_checkpoint
 from mmx.train.metrics import MetricsLog, column, plot_panels
-from mmx.train.resume import capture_rng, remove_partial_writes, restore_rng
+from mmx.train.resume import capture_rng, restore_rng
 from mmx.utils.logging import get_logger
 
 logger = get_logger(__name__)
@@ -101,7 +101,7 @@ class RLTrainer:
         )
         self.step = 0
         os.makedirs(cfg.out_dir, exist_ok=True)
-        remove_partial_writes(cfg.out_dir)
+        clean_out_dir(cfg.out_dir)
         self.metrics = MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"))
         found = None
         if resume:

@@ -1,139 +1,60 @@
 """Running untrusted code: model-written programs for code rewards, and the agent's shell and Python tools.
 
-Every run is a subprocess in its own session with a wall-clock timeout (the whole process tree is killed), limits
-on memory, CPU time and file size, a minimal environment, and a work directory (a fresh temporary one unless the
-caller gives one). Where the kernel allows (:func:`isolation_available`), it also gets a network namespace with no
-usable interface and a mount namespace where everything but the work directory is read-only. Python code runs
-under an audit hook as well (:mod:`mmx.sandbox.guard`) that refuses sockets, subprocesses, ctypes and writes
-outside the work directory, so those guarantees hold for Python even without namespaces.
+Every run happens inside bubblewrap (:mod:`mmx.sandbox.bwrap`): new user, pid, network, IPC and UTS namespaces, no
+capabilities, a read-only minimal view of the system with the work directory as the only writable place, a private
+/tmp, no network, no other process visible. Limits: wall time (the whole process tree is killed with the pid
+namespace), CPU time, address space and file size per process (rlimits), and, through a cgroup of the run
+(:mod:`mmx.sandbox.cgroups`), the total memory of the run and the number of its processes and threads.
+
+Where no cgroup can be made (an unprivileged user without a delegated cgroup v2 subtree), the fallback is rlimits:
+RLIMIT_NPROC bounds the processes, counting every process of that user on the host (so runs of one user at the same
+time share the bound, and a run may fail to start when the user already has that many processes; it does not bind a
+root caller, who gets the cgroup on any usual host), and memory is bounded per process only (the address-space
+limit) plus the size of /tmp: the total is then up to processes x address space.
+
+Without bubblewrap, running untrusted code raises :class:`SandboxUnavailable`, naming the package to install, unless
+the caller passes ``allow_unsandboxed=True``: then the code runs directly with the limits and tree cleanup but no
+confinement. Python code also runs under an audit hook (:mod:`mmx.sandbox.guard`): a second layer that turns common
+escapes into clear errors, not a confinement of its own. Code rewards use :func:`mmx.sandbox.judge.run_tests`,
+whose verdict the submission cannot forge by exiting, killing itself or patching builtins.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import signal
-import subprocess
 import sys
 import tempfile
-import time
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 
-from mmx.sandbox.isolation import enter_namespaces, limit_resources, probe
+from mmx.sandbox import bwrap
+from mmx.sandbox.beneath import open_beneath
+from mmx.sandbox.limits import Limits, SandboxResult, SandboxUnavailable
+from mmx.sandbox.process import run_process
 
-GUARD = os.path.join(os.path.dirname(__file__), "guard.py")
-
-
-@dataclass
-class Limits:
-    timeout: float = 10.0  # wall-clock seconds
-    memory_mb: int = 1024  # address space
-    file_mb: int = 64  # largest file the code may write
-    max_output: int = 64_000  # characters of stdout / stderr kept
+GUARD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "guard.py")
 
 
-@dataclass
-class SandboxResult:
-    returncode: int | None
-    stdout: str
-    stderr: str
-    timed_out: bool
-    seconds: float
-    isolated: bool  # whether kernel namespaces were in force
-
-    @property
-    def ok(self) -> bool:
-        return self.returncode == 0 and not self.timed_out
-
-    def summary(self) -> str:
-        """A short description of how the run ended (for tool results and logs)."""
-        if self.timed_out:
-            return "timed out"
-        if self.returncode is not None and self.returncode < 0:
-            name = (
-                signal.Signals(-self.returncode).name if -self.returncode in signal.Signals._value2member_map_ else ""
-            )
-            return f"killed by signal {-self.returncode} {name}".strip()
-        return f"exit code {self.returncode}"
+def sandbox_problem(user: int | None = None) -> str | None:
+    """Why untrusted code cannot be sandboxed here, or None when it can."""
+    return bwrap.problem(user, user)
 
 
-def isolation_available() -> bool:
-    return probe()
-
-
-def _environment(workdir: str) -> dict[str, str]:
-    env = {
-        "PATH": "/usr/local/bin:/usr/bin:/bin",
-        "HOME": workdir,
-        "TMPDIR": workdir,
-        "LANG": "C.UTF-8",
-        "PYTHONDONTWRITEBYTECODE": "1",
-        "PYTHONUNBUFFERED": "1",
-        "OMP_NUM_THREADS": "1",
-    }
-    return env
-
-
-def _truncate(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[:limit] + f"\n... ({len(text) - limit} more characters cut)"
-
-
-def run_process(
-    argv: list[str], workdir: str, limits: Limits, stdin: str | None = None, isolate: bool | None = None
-) -> SandboxResult:
-    """Run ``argv`` confined to ``workdir``. ``isolate`` None uses namespaces when they are available."""
-    use_namespaces = isolation_available() if isolate is None else isolate
-
-    def setup() -> None:  # in the child, between fork and exec
-        os.setsid()
-        if use_namespaces:
-            enter_namespaces(workdir)
-            os.chdir(workdir)  # the inherited cwd still points into the old, now read-only, mount of the directory
-        limit_resources(limits.memory_mb, limits.timeout, limits.file_mb)
-
-    started = time.perf_counter()
-    proc = subprocess.Popen(
-        argv,
-        cwd=workdir,
-        env=_environment(workdir),
-        stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        preexec_fn=setup,
-        text=True,
-        errors="replace",
-    )
-    timed_out = False
-    try:
-        out, err = proc.communicate(stdin, timeout=limits.timeout)
-    except subprocess.TimeoutExpired:
-        timed_out = True
-        _kill_group(proc)
-        out, err = proc.communicate()
-    return SandboxResult(
-        proc.returncode,
-        _truncate(out, limits.max_output),
-        _truncate(err, limits.max_output),
-        timed_out,
-        time.perf_counter() - started,
-        use_namespaces,
-    )
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
+def sandbox_available(user: int | None = None) -> bool:
+    return sandbox_problem(user) is None
 
 
 @contextmanager
-def work_directory(workdir: str | None):
-    """The caller's directory, or a temporary one removed afterwards."""
+def work_directory(workdir: str | None, user: int | None = None) -> Iterator[str]:
+    """The caller's directory, or a temporary one (owned by ``user`` when given) removed afterwards."""
     if workdir is not None:
         yield os.path.realpath(workdir)
         return
     with tempfile.TemporaryDirectory(prefix="mmx-sandbox-") as tmp:
+        if user is not None and user != os.getuid():
+            os.chown(tmp, user, user)
         yield os.path.realpath(tmp)
 
 
@@ -144,33 +65,60 @@ def run_python(
     files: dict[str, str] | None = None,
     stdin: str | None = None,
     limits: Limits | None = None,
-    isolate: bool | None = None,
+    allow_unsandboxed: bool = False,
+    user: int | None = None,
 ) -> SandboxResult:
-    """Run Python ``code`` (plus helper ``files``) in the sandbox. In a temporary directory the code is main.py;
-    in a caller's directory it is a hidden file that is removed afterwards, so nothing of the caller's is touched."""
+    """Run Python ``code`` (plus helper ``files``) in the sandbox, under the guard. In a temporary directory the code
+    is main.py; in a caller's directory it is a hidden file that is removed afterwards, so nothing of the caller's is
+    touched."""
     limits = limits or Limits()
     script = "main.py" if workdir is None else f".mmx-run-{uuid.uuid4().hex[:12]}.py"
-    with work_directory(workdir) as wd:
+    with work_directory(workdir, user) as wd:
         for name, text in {**(files or {}), script: code}.items():
-            path = os.path.realpath(os.path.join(wd, name))
-            if not path.startswith(wd + os.sep):
-                raise ValueError(f"sandbox file {name!r} is outside the work directory")
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with open(path, "w", encoding="utf-8") as f:
+            try:
+                fd, _ = open_beneath(wd, name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644, make_parents=True)
+            except PermissionError as e:
+                raise ValueError(f"sandbox file {name!r} is outside the work directory") from e
+            if user is not None and workdir is None:
+                os.fchown(fd, user, user)
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
                 f.write(text)
-        argv = [sys.executable, "-I", "-B", GUARD, wd, os.path.join(wd, script)]
+        argv = [sys.executable, "-I", "-B", "-u", GUARD, wd, os.path.join(wd, script)]
         try:
-            return run_process(argv, wd, limits, stdin, isolate)
+            return run_process(
+                argv, wd, limits, stdin, allow_unsandboxed=allow_unsandboxed, user=user, readonly=(GUARD,)
+            )
         finally:
             if workdir is not None:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(os.path.join(wd, script))
 
 
-def run_command(command: str, workdir: str, limits: Limits | None = None, isolate: bool | None = None) -> SandboxResult:
-    """Run a shell command in ``workdir``. Without namespaces nothing stops a shell command from writing elsewhere,
-    so callers that must guarantee confinement check :func:`isolation_available` first."""
-    return run_process(["/bin/sh", "-c", command], os.path.realpath(workdir), limits or Limits(), None, isolate)
+def run_command(
+    command: str,
+    workdir: str,
+    limits: Limits | None = None,
+    *,
+    allow_unsandboxed: bool = False,
+    user: int | None = None,
+) -> SandboxResult:
+    """Run a shell command in ``workdir`` in the sandbox."""
+    return run_process(
+        ["/bin/sh", "-c", command],
+        workdir,
+        limits or Limits(),
+        allow_unsandboxed=allow_unsandboxed,
+        user=user,
+    )
 
 
-__all__ = ["Limits", "SandboxResult", "isolation_available", "run_command", "run_process", "run_python"]
+__all__ = [
+    "Limits",
+    "SandboxResult",
+    "SandboxUnavailable",
+    "run_command",
+    "run_process",
+    "run_python",
+    "sandbox_available",
+    "sandbox_problem",
+]

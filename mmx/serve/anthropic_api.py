@@ -18,8 +18,18 @@ from fastapi.responses import StreamingResponse
 from mmx.chat.formats import tool_call_id_for
 from mmx.chat.reply import ContentDelta, Finish, ReasoningDelta, ToolCallArgs, ToolCallStart
 from mmx.engine.sampling_params import SamplingParams
-from mmx.serve.chat import RequestError, Run, follow, prepare_chat, run_to_end, start_run
-from mmx.serve.protocol import AnthropicMessagesRequest
+from mmx.serve.chat import (
+    PreparedChat,
+    RequestError,
+    Run,
+    Thinking,
+    follow,
+    prepare_chat_async,
+    run_all_unless_disconnected,
+    start_run,
+)
+from mmx.serve.protocol import AnthropicCountTokensRequest, AnthropicMessagesRequest
+from mmx.serve.structured_requests import anthropic_constraint, constrain_chat
 
 router = APIRouter()
 
@@ -92,9 +102,8 @@ def _stop(reason: str, stop_reason) -> tuple[str, str | None]:
     return "end_turn", None
 
 
-@router.post("/v1/messages")
-async def messages(body: AnthropicMessagesRequest, request: Request):
-    state = request.app.state.mmx
+async def _prepare(state, body: AnthropicMessagesRequest) -> PreparedChat:
+    """The request rendered into its prompt: what /v1/messages runs and /v1/messages/count_tokens counts."""
     if body.model != state.model_name:
         raise RequestError(f"model {body.model!r} not found; this server serves {state.model_name!r}", "model", 404)
     try:
@@ -108,14 +117,53 @@ async def messages(body: AnthropicMessagesRequest, request: Request):
     except ValueError as e:
         raise RequestError(str(e)) from e
     conversation, tools, tool_choice = to_openai(body)
-    prepared = prepare_chat(state.tokenizer, state.chat, conversation, params, tools, tool_choice)
+    # a final assistant message is a prefill: the reply continues it (and holds only what follows it)
+    prefill = body.messages[-1].role == "assistant"
+    thinking = body.thinking or {}
+    parallel = not (body.tool_choice or {}).get("disable_parallel_tool_use", False)
+    prepared = await prepare_chat_async(
+        state.tokenizer,
+        state.chat,
+        conversation,
+        params,
+        tools,
+        tool_choice,
+        max_model_len=state.max_model_len,
+        continue_final_message=prefill,
+        add_generation_prompt=not prefill,
+        thinking=Thinking(enabled=thinking.get("type") != "disabled", budget=thinking.get("budget_tokens")),
+        parallel_tool_calls=parallel,
+    )
+    constrain_chat(
+        prepared,
+        anthropic_constraint(body),
+        tokenizer=state.tokenizer,
+        format=state.chat.format,
+        tool_choice=tool_choice,
+        parallel_tool_calls=parallel,
+    )
+    return prepared
+
+
+@router.post("/v1/messages/count_tokens")
+async def count_tokens(body: AnthropicCountTokensRequest, request: Request):
+    """The prompt tokens the same /v1/messages request would be charged (its usage.input_tokens)."""
+    prepared = await _prepare(request.app.state.mmx, body)
+    return {"input_tokens": len(prepared.prompt_ids)}
+
+
+@router.post("/v1/messages")
+async def messages(body: AnthropicMessagesRequest, request: Request):
+    state = request.app.state.mmx
+    prepared = await _prepare(state, body)
+    params = prepared.params
     (stream,) = prepared.reply_streams(state.tokenizer, state.chat)
     run = start_run(state.engine, prepared.prompt_ids, params, f"msg_{uuid.uuid4().hex[:24]}", [stream])
     state.metrics.request_started("messages")
     if body.stream:
         return StreamingResponse(_stream(state, run), media_type="text/event-stream")
     start = time.perf_counter()
-    await run_to_end(state.engine, run)
+    await run_all_unless_disconnected(request, state.engine, [run])
     state.metrics.request_finished("messages", time.perf_counter() - start)
     reply = stream.message()
     content: list[dict[str, Any]] = []
@@ -134,7 +182,18 @@ async def messages(body: AnthropicMessagesRequest, request: Request):
         "content": content,
         "stop_reason": stop_reason,
         "stop_sequence": stop_sequence,
-        "usage": {"input_tokens": len(run.prompt_ids), "output_tokens": run.completion_tokens},
+        "usage": _usage(len(run.prompt_ids), run.completion_tokens),
+    }
+
+
+def _usage(input_tokens: int, output_tokens: int, cached_tokens: int = 0) -> dict:
+    """Anthropic usage; ``cached_tokens``: prompt tokens whose cache was reused (none until the engine caches
+    prefixes; mmx never charges for writing a cache)."""
+    return {
+        "input_tokens": input_tokens,
+        "output_tokens": output_tokens,
+        "cache_read_input_tokens": cached_tokens,
+        "cache_creation_input_tokens": 0,
     }
 
 
@@ -156,7 +215,7 @@ async def _stream(state, run: Run) -> AsyncIterator[str]:
         "content": [],
         "stop_reason": None,
         "stop_sequence": None,
-        "usage": {"input_tokens": len(run.prompt_ids), "output_tokens": 0},
+        "usage": _usage(len(run.prompt_ids), 0),
     }
     yield _event("message_start", {"message": message})
     index, open_kind, first = -1, None, True

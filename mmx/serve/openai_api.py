@@ -14,8 +14,18 @@ from fastapi.responses import StreamingResponse
 
 from mmx.chat.reply import ContentDelta, Finish, ReasoningDelta, ReplyEvent, ReplyStream, ToolCallStart
 from mmx.engine.sampling_params import SamplingParams
-from mmx.serve.chat import RequestError, Run, follow, prepare_chat, run_to_end, start_run
+from mmx.serve.chat import (
+    RequestError,
+    Run,
+    encode_prompt,
+    follow,
+    prepare_chat_async,
+    run_all_unless_disconnected,
+    start_run,
+)
+from mmx.serve.logprobs import StreamedLogprobs, completion_logprobs, join_logprobs, prompt_logprobs
 from mmx.serve.protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+from mmx.serve.structured_requests import constrain, constrain_chat, logit_bias, openai_constraint
 
 router = APIRouter()
 
@@ -28,7 +38,10 @@ def sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else _json(data)}\n\n"
 
 
-def sampling_params(body: SamplingFields, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+def sampling_params(
+    body: SamplingFields, max_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None = None
+) -> SamplingParams:
+    bias = logit_bias(body.logit_bias)
     try:
         return SamplingParams(
             n=body.n,
@@ -46,7 +59,10 @@ def sampling_params(body: SamplingFields, max_tokens: int | None, logprobs: int 
             ignore_eos=body.ignore_eos,
             include_stop_str_in_output=body.include_stop_str_in_output,
             logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
             skip_special_tokens=body.skip_special_tokens,
+            stop_token_ids=body.stop_token_ids or [],
+            logit_bias=bias,
         )
     except ValueError as e:
         raise RequestError(str(e)) from e
@@ -77,10 +93,8 @@ def chat_logprobs(tokenizer, entries) -> dict | None:
 
 
 # ---------------------------------------------------------------------------------------------------- models
-@router.get("/v1/models")
-async def list_models(request: Request) -> dict:
-    state = request.app.state.mmx
-    card = {
+def _model_card(state) -> dict:
+    return {
         "id": state.model_name,
         "object": "model",
         "created": state.created,
@@ -89,7 +103,18 @@ async def list_models(request: Request) -> dict:
         "parent": None,
         "max_model_len": state.max_model_len,
     }
-    return {"object": "list", "data": [card]}
+
+
+@router.get("/v1/models")
+async def list_models(request: Request) -> dict:
+    return {"object": "list", "data": [_model_card(request.app.state.mmx)]}
+
+
+@router.get("/v1/models/{model_id:path}")  # :path: a served name may hold a slash ("org/model")
+async def retrieve_model(model_id: str, request: Request) -> dict:
+    state = request.app.state.mmx
+    check_model(state, model_id)
+    return _model_card(state)
 
 
 # ---------------------------------------------------------------------------------------------------- chat
@@ -99,11 +124,14 @@ def _tool_choice(body: ChatCompletionRequest) -> str:
     return body.tool_choice or ("auto" if body.tools else "none")
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+    """OpenAI usage; ``cached_tokens``: prompt tokens whose cache was reused (none until the engine caches
+    prefixes)."""
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
     }
 
 
@@ -125,15 +153,32 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     check_model(state, body.model)
     mode = body.reasoning_mode or state.reasoning_mode
     max_tokens = body.max_completion_tokens or body.max_tokens
-    prepared = prepare_chat(
+    prepared = await prepare_chat_async(
         state.tokenizer,
         state.chat,
         [m.model_dump(exclude_none=True) for m in body.messages],
-        sampling_params(body, max_tokens, (body.top_logprobs or 0) if body.logprobs else None),
+        sampling_params(
+            body,
+            max_tokens,
+            (body.top_logprobs or 0) if body.logprobs else None,
+            prompt_logprobs=_chat_prompt_logprobs(body),
+        ),
         tools=[t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None,
         tool_choice=_tool_choice(body),
         template_kwargs=body.chat_template_kwargs,
         inline_reasoning=mode == "append_think",
+        max_model_len=state.max_model_len,
+        continue_final_message=body.continue_final_message,
+        add_generation_prompt=body.add_generation_prompt,
+        parallel_tool_calls=body.parallel_tool_calls,
+    )
+    constrain_chat(
+        prepared,
+        openai_constraint(body),
+        tokenizer=state.tokenizer,
+        format=state.chat.format,
+        tool_choice=_tool_choice(body),
+        parallel_tool_calls=body.parallel_tool_calls,
     )
     streams = prepared.reply_streams(state.tokenizer, state.chat)
     run = start_run(state.engine, prepared.prompt_ids, prepared.params, f"chatcmpl-{uuid.uuid4().hex}", streams)
@@ -141,7 +186,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
     if body.stream:
         return StreamingResponse(_chat_stream(state, run, body), media_type="text/event-stream")
     start = time.perf_counter()
-    await run_to_end(state.engine, run)
+    await run_all_unless_disconnected(request, state.engine, [run])
     state.metrics.request_finished("chat", time.perf_counter() - start)
     choices = []
     for index, stream in enumerate(streams):
@@ -155,7 +200,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         if body.return_token_ids:
             choice["token_ids"] = stream.token_ids
         choices.append(choice)
-    return {
+    response = {
         "id": run.request_id,
         "object": "chat.completion",
         "created": run.created,
@@ -163,6 +208,17 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         "choices": choices,
         "usage": usage(len(run.prompt_ids), run.completion_tokens),
     }
+    if body.prompt_logprobs is not None:  # vLLM: the rendered prompt's, top-level
+        response["prompt_logprobs"] = prompt_logprobs(
+            state.tokenizer, run.prompt_ids, run.prompt_logprobs, body.prompt_logprobs
+        )
+    return response
+
+
+def _chat_prompt_logprobs(body: ChatCompletionRequest) -> int | None:
+    if body.prompt_logprobs is not None and body.stream:
+        raise RequestError("prompt_logprobs is not available when streaming", "prompt_logprobs")
+    return body.prompt_logprobs
 
 
 def _include_usage(body) -> bool:
@@ -231,28 +287,54 @@ def _delta(ev: ReplyEvent) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------- completions
-def _prompts(state, prompt) -> list[tuple[str | None, list[int]]]:
+def _prompts(state, prompt, n: int) -> list[tuple[str | None, list[int]]]:
+    """(text, token ids) of each prompt of a completions request (one of several shapes); CPU-heavy for long
+    prompts: the route runs it in a worker thread."""
     if isinstance(prompt, str):
         prompt = [prompt]
     if prompt and isinstance(prompt[0], int):
         prompt = [prompt]
-    return [(p, state.tokenizer.encode(p)) if isinstance(p, str) else (None, list(p)) for p in prompt]
+    if len(prompt) * n > state.max_sequences_per_request:
+        raise RequestError(
+            f"{len(prompt)} prompts x n={n} is {len(prompt) * n} sequences; one request may run at most "
+            f"{state.max_sequences_per_request}",
+            "prompt",
+        )
+    return [
+        (p, encode_prompt(state.tokenizer, p, state.max_model_len, "prompt")) if isinstance(p, str) else (None, list(p))
+        for p in prompt
+    ]
 
 
-def completion_logprobs(tokenizer, entries, offset: int) -> dict | None:
-    if entries is None:
+def _completion_prompt_logprobs(body: CompletionRequest) -> int | None:
+    """Alternatives per prompt token the engine computes (echo with logprobs returns the prompt's log-probs, vLLM's
+    prompt_logprobs asks for them directly); refuses the combinations that cannot be honoured."""
+    if body.max_tokens == 0 and not body.echo:
+        raise RequestError(
+            "max_tokens must be at least 1; 0 is allowed only with echo (the prompt alone, nothing generated)",
+            "max_tokens",
+        )
+    if body.prompt_logprobs is not None and body.stream:
+        raise RequestError(
+            "prompt_logprobs is not available when streaming (echo with logprobs streams the prompt's)",
+            "prompt_logprobs",
+        )
+    wanted = [k for k in (body.logprobs if body.echo else None, body.prompt_logprobs) if k is not None]
+    return max(wanted) if wanted else None
+
+
+def _echoed_logprobs(tokenizer, body: CompletionRequest, run: Run) -> dict:
+    """The completions logprobs object of an echoed prompt (its first token has None: nothing predicts it)."""
+    entries = run.prompt_logprobs or [None] * len(run.prompt_ids)
+    return completion_logprobs(tokenizer, run.prompt_ids, entries, 0, body.logprobs)
+
+
+def _choice_logprobs(tokenizer, body: CompletionRequest, run: Run, stream: ReplyStream) -> dict | None:
+    if body.logprobs is None:
         return None
-    tokens = [_token_text(tokenizer, e.token_id) for e in entries]
-    offsets, pos = [], offset
-    for t in tokens:
-        offsets.append(pos)
-        pos += len(t)
-    return {
-        "tokens": tokens,
-        "token_logprobs": [e.logprob for e in entries],
-        "top_logprobs": [{_token_text(tokenizer, t): lp for t, lp in e.top} for e in entries],
-        "text_offset": offsets,
-    }
+    entries = stream.logprobs
+    generated = completion_logprobs(tokenizer, [e.token_id for e in entries], entries, len(run.echo), body.logprobs)
+    return join_logprobs(_echoed_logprobs(tokenizer, body, run), generated) if body.echo else generated
 
 
 @router.post("/v1/completions")
@@ -260,13 +342,14 @@ async def completions(body: CompletionRequest, request: Request):
     state = request.app.state.mmx
     check_model(state, body.model)
     rid = f"cmpl-{uuid.uuid4().hex}"
-    params = sampling_params(body, body.max_tokens, body.logprobs)
+    params = sampling_params(body, body.max_tokens, body.logprobs, prompt_logprobs=_completion_prompt_logprobs(body))
+    constrain(params, openai_constraint(body))
     runs: list[Run] = []
     try:
-        for i, (text, ids) in enumerate(_prompts(state, body.prompt)):
+        for i, (text, ids) in enumerate(await asyncio.to_thread(_prompts, state, body.prompt, params.n)):
             streams = [ReplyStream.for_params(state.tokenizer, params) for _ in range(params.n)]
             echo = (text if text is not None else state.tokenizer.decode(ids)) if body.echo else ""
-            runs.append(start_run(state.engine, ids, params, f"{rid}-{i}", streams, number=i, echo=echo))
+            runs.append(start_run(state.engine, ids, params, f"{rid}-{i}", streams, rid, number=i, echo=echo))
     except Exception:
         for run in runs:  # the prompts before the bad one never started: close their streams
             await run.outputs.aclose()
@@ -275,22 +358,23 @@ async def completions(body: CompletionRequest, request: Request):
     if body.stream:
         return StreamingResponse(_completion_stream(state, body, rid, runs), media_type="text/event-stream")
     start = time.perf_counter()
-    await asyncio.gather(*(run_to_end(state.engine, r) for r in runs))
+    await run_all_unless_disconnected(request, state.engine, runs)
     state.metrics.request_finished("completions", time.perf_counter() - start)
     choices = []
     for r in runs:
         for index, stream in enumerate(r.streams):
-            choices.append(
-                {
-                    "index": r.number * body.n + index,
-                    "text": r.echo + stream.text,
-                    "logprobs": completion_logprobs(
-                        state.tokenizer, stream.logprobs if body.logprobs is not None else None, len(r.echo)
-                    ),
-                    "finish_reason": stream.finish_reason,
-                    "stop_reason": stream.stop_reason,
-                }
-            )
+            choice = {
+                "index": r.number * body.n + index,
+                "text": r.echo + stream.text,
+                "logprobs": _choice_logprobs(state.tokenizer, body, r, stream),
+                "finish_reason": stream.finish_reason,
+                "stop_reason": stream.stop_reason,
+            }
+            if body.prompt_logprobs is not None:  # vLLM puts it in each choice
+                choice["prompt_logprobs"] = prompt_logprobs(
+                    state.tokenizer, r.prompt_ids, r.prompt_logprobs, body.prompt_logprobs
+                )
+            choices.append(choice)
     return {
         "id": rid,
         "object": "text_completion",
@@ -315,8 +399,9 @@ async def _completion_stream(state, body: CompletionRequest, rid: str, runs: lis
 
     async def pump(run: Run):
         try:
-            async for item in follow(state.engine, run):
-                await queue.put((run, *item))
+            async for index, events, logprobs in follow(state.engine, run):
+                # the text's length now (held-back characters included) says which text completes these tokens
+                await queue.put((run, index, events, logprobs, len(run.streams[index].text)))
         except Exception as e:
             await queue.put(e)
         finally:
@@ -324,13 +409,9 @@ async def _completion_stream(state, body: CompletionRequest, rid: str, runs: lis
 
     tasks = [asyncio.create_task(pump(r)) for r in runs]
     start = time.perf_counter()
-    sent = {}  # (prompt, sample) -> characters of the sample's text sent, for text_offset
+    samples: dict[tuple[int, int], StreamedLogprobs] = {}  # (prompt, sample) -> its log-probs not yet sent
     remaining = len(tasks)
     try:
-        if body.echo:
-            for r in runs:
-                for index in range(body.n):
-                    yield choice(r.number * body.n + index, r.echo)
         while remaining:
             item = await queue.get()
             if item is None:
@@ -338,14 +419,22 @@ async def _completion_stream(state, body: CompletionRequest, rid: str, runs: lis
                 continue
             if isinstance(item, Exception):
                 raise item
-            run, index, events, logprobs = item
-            key = (run.number, index)
+            run, index, events, logprobs, text_end = item
+            number = run.number * body.n + index
+            sample = samples.get((run.number, index))
+            if sample is None:  # its first chunk: the echo goes first, with the prompt's log-probs (now known)
+                sample = samples[run.number, index] = StreamedLogprobs(len(run.echo))
+                if body.echo:
+                    echoed = _echoed_logprobs(state.tokenizer, body, run) if body.logprobs is not None else None
+                    yield choice(number, run.echo, echoed)
             text = "".join(ev.text for ev in events if isinstance(ev, ContentDelta))
             finish = next((ev.reason for ev in events if isinstance(ev, Finish)), None)
-            offset = len(run.echo) + sent.get(key, 0)
-            lps = completion_logprobs(state.tokenizer, logprobs, offset) if body.logprobs is not None else None
-            yield choice(run.number * body.n + index, text, lps, finish)
-            sent[key] = sent.get(key, 0) + len(text)
+            lps = None
+            if body.logprobs is not None:
+                sample.add(logprobs, text_end)
+                lps = sample.release(state.tokenizer, text, finish is not None, body.logprobs)
+            if text or lps or finish:
+                yield choice(number, text, lps, finish)
         if _include_usage(body):
             yield sse({**base, "choices": [], "usage": _completion_usage(runs)})
         state.metrics.request_finished("completions", time.perf_counter() - start)

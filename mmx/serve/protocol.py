@@ -10,12 +10,63 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
+
+from mmx.engine.sampling_params import MAX_SEED, MIN_REPETITION_PENALTY
 
 TOOL_NAME = r"^[a-zA-Z0-9_\-.:]{1,64}$"
 
 
 class _Lenient(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    # allow_inf_nan: json.loads reads NaN and Infinity. strict: JSON types as the OpenAPI document states them, as
+    # OpenAI's and Anthropic's servers take them (no "2" for 2, no 0 for false)
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False, strict=True)
+
+
+# Fields of these APIs that cannot change what is generated: accepted and ignored. Any other field a request body
+# carries that its model does not declare is refused (400 naming it), as OpenAI's and Anthropic's servers do,
+# rather than silently ignored.
+HARMLESS_FIELDS = frozenset(
+    {
+        "user", "metadata", "store", "service_tier", "safety_identifier", "prompt_cache_key",
+        "prompt_cache_retention", "request_id", "priority", "cache_salt", "stream_options",
+    }
+)  # fmt: skip
+# Known fields mmx does not implement, with what to do instead.
+UNSUPPORTED_FIELDS = {
+    "functions": "the legacy 'functions' field is not supported; use 'tools'",
+    "function_call": "the legacy 'function_call' field is not supported; use 'tool_choice'",
+    "audio": "audio output is not supported",
+    "modalities": "only text output is supported",
+    "prediction": "predicted outputs are not supported",
+    "web_search_options": "web search is not supported",
+    "reasoning_effort": "MiniMax models have no reasoning effort setting; use max_tokens (or Anthropic budget_tokens)",
+    "verbosity": "verbosity is not supported",
+    "use_beam_search": "beam search is not supported",
+    "best_of": "best_of is not supported; use n",
+    "length_penalty": "length_penalty (beam search) is not supported",
+    "bad_words": "bad_words is not supported; use logit_bias",
+    "allowed_token_ids": "allowed_token_ids is not supported",
+    "truncate_prompt_tokens": "prompt truncation is not supported",
+    "echo": "echo is not supported here",
+    "documents": "documents are not supported",
+    "mcp_servers": "MCP servers are not supported",
+    "container": "containers are not supported",
+    "context_management": "context management is not supported",
+}
+
+
+class _Request(_Lenient):
+    """A request body: undeclared fields are refused unless they are harmless (see HARMLESS_FIELDS)."""
+
+    @model_validator(mode="after")
+    def _refuse_unknown_fields(self):
+        for name in sorted(self.model_extra or {}):
+            if name in HARMLESS_FIELDS:
+                continue
+            reason = UNSUPPORTED_FIELDS.get(name, "mmx does not support this field (refused rather than ignored)")
+            raise PydanticCustomError("unsupported_field", "{param}: {reason}", {"param": name, "reason": reason})
+        return self
 
 
 # ---------------------------------------------------------------------------------------------------- OpenAI
@@ -79,7 +130,7 @@ class StreamOptions(_Lenient):
     include_usage: bool = False
 
 
-class SamplingFields(_Lenient):
+class SamplingFields(_Request):
     """Sampling fields shared by chat and completions (OpenAI names, plus vLLM's extras)."""
 
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
@@ -88,18 +139,29 @@ class SamplingFields(_Lenient):
     min_p: Annotated[float, Field(ge=0, le=1)] | None = None
     n: Annotated[int, Field(ge=1, le=64)] = 1
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: Annotated[int, Field(ge=0, lt=MAX_SEED)] | None = None
     presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
     frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
-    repetition_penalty: Annotated[float, Field(gt=0, le=10)] | None = None
+    repetition_penalty: Annotated[float, Field(ge=MIN_REPETITION_PENALTY, le=10)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False
     min_tokens: Annotated[int, Field(ge=0)] = 0
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = None  # vLLM: token ids that end a sample
     return_token_ids: bool = False  # vLLM extension: the generated token ids in each choice
     user: str | None = None
+    # OpenAI's logit_bias, and what constrains the reply (read by mmx.serve.structured_requests)
+    logit_bias: dict[str, float] | None = None
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None  # vLLM
+    guided_json: dict[str, Any] | str | None = None  # vLLM's older names
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_whitespace_pattern: str | None = None
+    guided_decoding_backend: str | None = None  # mmx has one grammar engine: accepted, changes nothing
 
     @field_validator("stop")
     @classmethod
@@ -122,6 +184,9 @@ class ChatCompletionRequest(SamplingFields):
     parallel_tool_calls: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
     reasoning_mode: Literal["split", "append_think"] | None = None
+    prompt_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None  # vLLM: the response's prompt_logprobs
+    add_generation_prompt: bool = True  # vLLM: false renders the conversation without opening a reply turn
+    continue_final_message: bool = False  # vLLM: the reply continues the final assistant message
 
     @model_validator(mode="after")
     def _tool_choice(self):
@@ -139,8 +204,9 @@ class ChatCompletionRequest(SamplingFields):
 class CompletionRequest(SamplingFields):
     model: str
     prompt: Any
-    max_tokens: Annotated[int, Field(ge=1)] | None = 16
+    max_tokens: Annotated[int, Field(ge=0)] | None = 16  # 0 only with echo: the prompt alone, nothing generated
     logprobs: Annotated[int, Field(ge=0, le=5)] | None = None
+    prompt_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None  # vLLM: each choice's prompt_logprobs
     echo: bool = False
     suffix: str | None = None
 
@@ -191,13 +257,42 @@ class AnthropicMessage(_Lenient):
     def _blocks(cls, value):
         if isinstance(value, list):
             for block in value:
-                kind = block.get("type")
-                if kind not in ("text", "tool_use", "tool_result", "thinking", "redacted_thinking"):
-                    raise ValueError(f"content blocks of type {kind!r} are not supported")
+                check_anthropic_block(block, ANTHROPIC_BLOCK_FIELDS)
         return value
 
 
-class AnthropicMessagesRequest(_Lenient):
+# What each content block must carry: field -> accepted types (the Anthropic API's shapes).
+ANTHROPIC_BLOCK_FIELDS: dict[str, dict[str, type | tuple[type, ...]]] = {
+    "text": {"text": str},
+    "tool_use": {"id": str, "name": str, "input": dict},
+    "tool_result": {"tool_use_id": str},
+    "thinking": {"thinking": str},
+    "redacted_thinking": {"data": str},
+}
+
+
+def check_anthropic_block(block: Any, kinds: dict[str, dict[str, type | tuple[type, ...]]]) -> None:
+    """A ValueError naming what is wrong with one content block (its type, a missing or mistyped field)."""
+    if not isinstance(block, dict):
+        raise ValueError("each content block must be an object")
+    kind = block.get("type")
+    if kind not in kinds:
+        raise ValueError(f"content blocks of type {kind!r} are not supported here (supported: {', '.join(kinds)})")
+    for name, types in kinds[kind].items():
+        if not isinstance(block.get(name), types):
+            raise ValueError(f"a {kind} block needs {name!r} of type {getattr(types, '__name__', types)}")
+    if kind == "tool_result":
+        content = block.get("content")
+        if isinstance(content, list):
+            for part in content:
+                check_anthropic_block(part, {"text": {"text": str}})
+        elif content is not None and not isinstance(content, str):
+            raise ValueError("a tool_result block's content must be a string or a list of text blocks")
+        if not isinstance(block.get("is_error", False), bool):
+            raise ValueError("a tool_result block's is_error must be a boolean")
+
+
+class AnthropicMessagesRequest(_Request):
     model: str
     max_tokens: Annotated[int, Field(ge=1)]
     messages: Annotated[list[AnthropicMessage], Field(min_length=1)]
@@ -211,6 +306,28 @@ class AnthropicMessagesRequest(_Lenient):
     stream: bool = False
     metadata: dict[str, Any] | None = None
     thinking: dict[str, Any] | None = None
+    output_config: dict[str, Any] | None = None  # its "format" constrains the reply (structured outputs)
+    output_format: dict[str, Any] | None = None  # the structured-outputs beta's name for output_config.format
+
+    @field_validator("system")
+    @classmethod
+    def _system(cls, value):
+        if isinstance(value, list):
+            for block in value:
+                check_anthropic_block(block, {"text": {"text": str}})
+        return value
+
+    @field_validator("thinking")
+    @classmethod
+    def _thinking(cls, value):
+        if value is not None:
+            kind = value.get("type")
+            if kind not in ("enabled", "disabled"):
+                raise ValueError('thinking.type must be "enabled" or "disabled"')
+            budget = value.get("budget_tokens")
+            if kind == "enabled" and (not isinstance(budget, int) or isinstance(budget, bool) or budget < 1):
+                raise ValueError("thinking.budget_tokens must be a positive integer when thinking is enabled")
+        return value
 
     @model_validator(mode="after")
     def _choice(self):
@@ -222,4 +339,23 @@ class AnthropicMessagesRequest(_Lenient):
                 raise ValueError("tool_choice names a tool that is not among the tools")
             if kind == "any" and not self.tools:
                 raise ValueError('tool_choice "any" needs tools')
+            if not isinstance(self.tool_choice.get("disable_parallel_tool_use", False), bool):
+                raise ValueError("tool_choice.disable_parallel_tool_use must be a boolean")
+        enabled = self.thinking and self.thinking["type"] == "enabled"
+        if enabled and self.max_tokens is not None and self.thinking["budget_tokens"] >= self.max_tokens:
+            raise ValueError("thinking.budget_tokens must be less than max_tokens")
         return self
+
+
+class AnthropicCountTokensRequest(AnthropicMessagesRequest):
+    """POST /v1/messages/count_tokens: a /v1/messages body without max_tokens, and nothing to stream."""
+
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    stream: Literal[False] = False
+
+    @field_validator("stream", mode="before")
+    @classmethod
+    def _no_stream(cls, value):
+        if value is not False:  # a Literal[False] would take 0
+            raise ValueError("count_tokens does not stream; leave stream out or false")
+        return value

@@ -26,7 +26,7 @@ from mmx.model.cache import PackedDocuments
 from mmx.model.modeling import MiniMaxForCausalLM
 from mmx.model.moe import SparseMoeBlock
 from mmx.model.weights import build_empty_model, load_model
-from mmx.train.checkpoint import latest_checkpoint, load_trainer_state, save_checkpoint
+from mmx.train.checkpoint import clean_out_dir, latest_checkpoint, load_trainer_state, save_checkpoint
 from mmx.train.config import TrainConfig
 from mmx.train.data import IGNORE, Batch, BatchStream, PackedDataset, load_documents
 from mmx.train.metrics import MetricsLog, plot_loss
@@ -37,7 +37,7 @@ from mmx.train.parallel import (
     load_full_optimizer_state,
     shard_model,
 )
-from mmx.train.resume import capture_rng, remove_partial_writes, restore_rng
+from mmx.train.resume import capture_rng, restore_rng
 from mmx.utils.logging import get_logger
 
 logger = get_logger(__name__)
@@ -101,6 +101,9 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, resume: str | bool | None = None):
         self.cfg = cfg
         self.env = DistEnv.from_environment()
+        if self.env.is_main and os.path.isdir(cfg.out_dir):
+            clean_out_dir(cfg.out_dir)  # before choosing a checkpoint: what it puts back or removes counts
+        self.env.barrier()
         self.resume_from = self._find_resume(resume)
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
@@ -136,8 +139,6 @@ class Trainer:
         self.step = 0
         self.tokens_seen = 0
         os.makedirs(cfg.out_dir, exist_ok=True)
-        if self.env.is_main:
-            remove_partial_writes(cfg.out_dir)
         self.metrics = MetricsLog(os.path.join(cfg.out_dir, "metrics.jsonl"))
         if self.resume_from:
             self._restore(self.resume_from)

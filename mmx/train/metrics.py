@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from typing import Any
 
+from mmx.errors import DiskFullError
 from mmx.utils.io import atomic_path
+from mmx.utils.logging import get_logger
+
+logger = get_logger(__name__)
 
 
 class MetricsLog:
+    """``metrics.jsonl``: one record per line, appended as training goes.
+
+    A run killed mid-append leaves a last line without its newline (possibly cut inside a character); reading drops
+    it, with a warning, and every run rewrites the log when it starts, so the torn line never reaches a resume."""
+
     def __init__(self, path: str):
         self.path = path
 
@@ -20,14 +30,34 @@ class MetricsLog:
             f.writelines(json.dumps(r) + "\n" for r in kept)
 
     def write(self, record: dict[str, Any]) -> None:
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            if e.errno == errno.ENOSPC:
+                raise DiskFullError(f"the disk is full: no space left on the device of {self.path}") from e
+            raise
 
     def read(self) -> list[dict[str, Any]]:
         if not os.path.exists(self.path):
             return []
-        with open(self.path, encoding="utf-8") as f:
-            return [json.loads(line) for line in f if line.strip()]
+        with open(self.path, "rb") as f:
+            lines = f.read().split(b"\n")
+        torn = lines.pop()  # after the last newline: b"" unless an append was cut short
+        if torn.strip():
+            logger.warning("%s: dropping a torn last line (a run was killed while writing it): %r", self.path, torn)
+        records = []
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError as e:  # JSONDecodeError and UnicodeDecodeError both
+                raise ValueError(f"{self.path}, line {number}: not a JSON record ({e})") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{self.path}, line {number}: a JSON {type(record).__name__}, not a record")
+            records.append(record)
+        return records
 
 
 def smooth(values: list[float], weight: float = 0.9) -> list[float]:
