@@ -30,7 +30,7 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         if kind is bool:
             g.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
         else:
-            g.add_argument(flag, type=kind, default=f.default)
+            g.add_argument(flag, type=kind, default=f.default, choices=f.metadata.get("choices"))
 
 
 def engine_kwargs(ns: argparse.Namespace) -> dict:

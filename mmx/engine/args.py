@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
+
+# Weight quantisation schemes (mmx.model.quantization implements them); here so that the CLI lists them without torch.
+QUANTIZATION_METHODS = ("int8",)
 
 
 @dataclass
@@ -20,6 +23,15 @@ class EngineArgs:
     enable_chunked_prefill: bool = True
     seed: int = 0
     allow_non_finite_weights: bool = False  # load a checkpoint whose weights hold NaN / Inf (else refused)
+    # int8: per-channel int8 weights for the decoder layers' linear maps (CPU kernel), applied after loading
+    quantization: str | None = field(default=None, metadata={"choices": QUANTIZATION_METHODS})
+
+    def __post_init__(self) -> None:
+        if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
+            raise ValueError(
+                f"quantization must be one of {', '.join(QUANTIZATION_METHODS)} (or None for none); "
+                f"got {self.quantization!r}"
+            )
 
     @classmethod
     def split(cls, kwargs: dict[str, Any]) -> tuple[EngineArgs, dict[str, Any]]:

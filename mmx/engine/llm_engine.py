@@ -27,6 +27,7 @@ from mmx.engine.scheduler import Scheduler, StepPlan
 from mmx.engine.sequence import Sequence, TokenLogprob
 from mmx.engine.structured import CompiledGrammar, GrammarCompiler
 from mmx.model.modeling import MiniMaxForCausalLM
+from mmx.model.quantization import quantize_model
 from mmx.utils.logging import get_logger
 
 logger = get_logger(__name__)
@@ -112,6 +113,7 @@ class LLMEngine:
             if rest:
                 raise TypeError(f"unknown engine argument(s): {', '.join(sorted(rest))}")
         self.args = args
+        quantize_model(model, args.quantization)  # in place; a no-op when None or already done
         self.model = model.eval()
         self.config = model.config
         self.device = model.device

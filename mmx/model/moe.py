@@ -7,6 +7,8 @@ sliced into them on load.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -43,8 +45,42 @@ class TopKRouter(nn.Module):
         return logits, weights / weights.sum(dim=-1, keepdim=True), ids
 
 
+# Up to this many (token, expert) pairs, inference runs each projection as one grouped GEMM (every expert's rows in
+# one call, offsets computed on the device): no host sync, no Python loop, no copy of expert weights. Above it the
+# per-expert loop is as fast (bench/moe_decode.py measures both; at prefill sizes they are within noise), and it is
+# also the path autograd takes, as torch's grouped GEMM has no working backward on CPU.
+GROUPED_MAX_PAIRS = 256
+
+
+def combine_per_expert(
+    x: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    num_experts: int,
+    ffn: Callable[[int, torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """sum_k weights[t, k] * ffn(ids[t, k], x[t]), calling ``ffn`` once per expert on the rows routed to it."""
+    k = ids.shape[1]
+    flat = ids.reshape(-1)
+    order = flat.argsort(stable=True)  # group (token, slot) pairs by expert
+    token_of = order // k
+    mix = weights.reshape(-1)[order].to(x.dtype)[:, None]
+    counts = torch.bincount(flat, minlength=num_experts).tolist()
+    routed = x[token_of]
+    out = torch.zeros_like(x)
+    start = 0
+    for expert, count in enumerate(counts):
+        if count == 0:
+            continue
+        rows = slice(start, start + count)
+        y = ffn(expert, routed[rows]).mul_(mix[rows])
+        out.index_add_(0, token_of[rows], y.to(out.dtype))  # accumulates in the activation dtype, as transformers does
+        start += count
+    return out
+
+
 class Experts(nn.Module):
-    """SwiGLU experts: down( act(gate x) * up x ), evaluated expert by expert on the tokens routed to each."""
+    """SwiGLU experts: down( act(gate x) * up x ), evaluated on the tokens routed to each expert."""
 
     def __init__(self, config: MiniMaxConfig):
         super().__init__()
@@ -55,26 +91,41 @@ class Experts(nn.Module):
         self.act = activation(config.hidden_act)
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        if ids.numel() <= GROUPED_MAX_PAIRS and self.grouped_supported(x):
+            return self.forward_grouped(x, ids, weights)
+        return self.forward_per_expert(x, ids, weights)
+
+    def expert_ffn(self, expert: int, x: torch.Tensor) -> torch.Tensor:
+        gate, up = F.linear(x, self.gate_up_proj[expert]).chunk(2, dim=-1)
+        return F.linear(self.act(gate) * up, self.down_proj[expert])
+
+    def forward_per_expert(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return combine_per_expert(x, ids, weights, self.num_experts, self.expert_ffn)
+
+    def grouped_supported(self, x: torch.Tensor) -> bool:
+        """torch's grouped GEMM: CPU (the only device it is tested on here), no autograd, fp32 / bf16 / fp16, and
+        rows that start on 16-byte boundaries."""
+        if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            return False
+        if torch.is_grad_enabled() and (x.requires_grad or self.gate_up_proj.requires_grad):
+            return False
+        if self.gate_up_proj.dtype != x.dtype or self.down_proj.dtype != x.dtype:
+            return False
+        width = x.element_size()
+        return all(n * width % 16 == 0 for n in self.down_proj.shape[1:])
+
+    def forward_grouped(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """The per-expert loop's arithmetic (same products, same accumulation order) in a fixed number of ops."""
         k = ids.shape[1]
-        flat = ids.reshape(-1)
-        order = flat.argsort(stable=True)  # group (token, slot) pairs by expert
+        expert_of, order = ids.reshape(-1).sort(stable=True)
         token_of = order // k
-        mix = weights.reshape(-1)[order].to(x.dtype)[:, None]
-        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
-        routed = x[token_of]
-        out = torch.zeros_like(x)
-        start = 0
-        for expert, count in enumerate(counts):
-            if count == 0:
-                continue
-            rows = slice(start, start + count)
-            gate, up = F.linear(routed[rows], self.gate_up_proj[expert]).chunk(2, dim=-1)
-            y = F.linear(self.act(gate) * up, self.down_proj[expert]).mul_(mix[rows])
-            out.index_add_(
-                0, token_of[rows], y.to(out.dtype)
-            )  # accumulates in the activation dtype, as transformers does
-            start += count
-        return out
+        # offsets[e] = pairs routed to experts <= e: where each expert's rows end, found on the device
+        offsets = torch.searchsorted(expert_of, torch.arange(self.num_experts, device=x.device), right=True)
+        offsets = offsets.to(torch.int32)
+        gate, up = F.grouped_mm(x[token_of], self.gate_up_proj.transpose(1, 2), offs=offsets).chunk(2, dim=-1)
+        y = F.grouped_mm(self.act(gate) * up, self.down_proj.transpose(1, 2), offs=offsets)
+        y.mul_(weights.reshape(-1)[order].to(x.dtype)[:, None])
+        return torch.zeros_like(x).index_add_(0, token_of, y)
 
 
 class SparseMoeBlock(nn.Module):

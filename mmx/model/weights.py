@@ -33,6 +33,7 @@ from mmx.model.checkpoint_io import (
     save_model,
 )
 from mmx.model.modeling import MiniMaxForCausalLM
+from mmx.model.quantization import quantize_model
 
 __all__ = [
     "DERIVED_SUFFIXES",
@@ -66,12 +67,14 @@ def load_model(
     device: str | torch.device = "cpu",
     progress: bool | None = None,
     allow_non_finite_weights: bool = False,
+    quantization: str | None = None,
 ) -> MiniMaxForCausalLM:
     """Load a MiniMax checkpoint directory (official M1 / Text-01, transformers-native, or M2, FP8 included).
 
     ``dtype`` None means the config's ``torch_dtype``, else the stored embedding dtype. Peak memory is the model
-    plus one tensor. A weight holding NaN or Inf is an error naming it, unless ``allow_non_finite_weights``."""
-    return load_checkpoint(
+    plus one tensor. A weight holding NaN or Inf is an error naming it, unless ``allow_non_finite_weights``.
+    ``quantization`` "int8" then quantises the decoder layers in place (:mod:`mmx.model.quantization`)."""
+    model = load_checkpoint(
         MiniMaxForCausalLM,
         path,
         dtype=dtype,
@@ -79,3 +82,5 @@ def load_model(
         progress=progress,
         allow_non_finite_weights=allow_non_finite_weights,
     )
+    quantize_model(model, quantization)
+    return model
