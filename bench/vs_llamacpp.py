@@ -512,7 +512,8 @@ def report(results: Results, args: argparse.Namespace, header: list[str]) -> str
     lines = ["# bench/vs_llamacpp.py", "", f"Command: `python bench/vs_llamacpp.py {shlex.join(sys.argv[1:])}`", ""]
     lines += [f"- {h}" for h in header]
     load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    lines += [f"- load average at the end: {load}", ""]
+    minutes = (time.monotonic() - STARTED) / 60
+    lines += [f"- load average at the end: {load}; {minutes:.0f} minutes in all", ""]
     metrics: list[tuple[str, str]] = []
     for checkpoint, metric, _ in results.samples:
         if (checkpoint, metric) not in metrics and "RSS" not in metric:
@@ -547,6 +548,14 @@ def report(results: Results, args: argparse.Namespace, header: list[str]) -> str
         lines += ["Servers at their defaults (mmx: --dtype float32):", ""]
         lines += [table(["checkpoint", "memory", "llama-server", "mmx serve"], mem_rows), ""]
     lines += [f"- {n}" for n in results.notes]
+    noisy = [
+        f"{checkpoint} / {metric} / {side}: {min(v):,.0f}-{max(v):,.0f}"
+        for (checkpoint, metric, side), v in results.samples.items()
+        if min(v) > 0 and max(v) / min(v) > NOISY
+    ]
+    if noisy:
+        lines += ["", f"Samples of one side more than {NOISY}x apart (the machine was busy; medians are shaky):"]
+        lines += [f"- {n}" for n in noisy]
     return "\n".join(lines)
 
 
@@ -560,6 +569,8 @@ def _ratio(ours: float | None, theirs: float | None) -> str:
 
 # ---------------------------------------------------------------------------------------------------- main
 SECTIONS = ("prefill", "decode", "context", "server", "memory")
+STARTED = time.monotonic()
+NOISY = 1.5  # max / min of one side's samples above which the report lists the row as noisy
 SIZES = {
     "full": dict(
         types=["f32", "q8_0"],

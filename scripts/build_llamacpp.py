@@ -218,7 +218,7 @@ def convert(llama: LlamaCpp, model_dir: str, out: str, outtype: str = "f32") -> 
 # (bench/lightning.py): 8 layers, hidden 256, 4 heads x 64, 4 experts of width 512 top-2, vocab 2048.
 CHECKPOINTS = ("mmx-tiny", "hybrid-16m", "m2-16m")
 TITLES = {
-    "mmx-tiny": "mmx-tiny (4.5M)",
+    "mmx-tiny": "mmx-tiny (4.4M)",
     "hybrid-16m": "tiny hybrid M1 (bench config, 16M)",
     "m2-16m": "tiny M2 (16M)",
 }

@@ -8,7 +8,7 @@ quantised layer then holds only its int8 weight and one scale per output channel
 The matmul is torch's ``_weight_int8pack_mm``: int8 weight, bf16 / fp16 activations and scales, fp32 accumulation,
 the result rounded to the activation dtype. Its float32 variant is scalar code (8-40x slower than an fp32
 ``F.linear`` at decode shapes on AVX-512), so float32 activations go through it as bf16 and come back as float32.
-It reads out of bounds when the input width is not a multiple of 16; such layers (and any device but the CPU) take
+It crashes (torch 2.13) when the input width is not a multiple of 16; such layers, and any device but the CPU, take
 a plain dequantise-and-multiply instead.
 """
 
