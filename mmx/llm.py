@@ -110,7 +110,10 @@ class LLM:
         runs = []
         for conversation, p, conv_tools in zip(conversations, params, tool_lists):
             prompt = self.tokenizer.apply_chat_template(
-                conversation, tools=conv_tools, chat_template=setup.template, add_generation_prompt=True,
+                conversation,
+                tools=conv_tools,
+                chat_template=setup.template,
+                add_generation_prompt=True,
                 **template_kwargs,
             )
             p = self._answer_constrained(p, prompt, setup.format)

@@ -352,5 +352,3 @@ def test_sigterm_drains_for_the_shutdown_timeout_then_aborts():
         thread.join(timeout=10)
     assert stopped < 8, stopped  # 1 s of drain, then the stream is cut and the process exits
     assert not thread.is_alive() and "data: [DONE]" not in lines
-
-

@@ -14,7 +14,9 @@ import pytest
 
 from mmx.tasks.arithmetic import CALCULATOR_TOOL, SYSTEM_PROMPT
 
-PROBLEM = "Tom has 57 marbles. Tom loses 19. Tom buys 4 packs with 6 marbles in each. How many marbles does Tom have now?"
+PROBLEM = (
+    "Tom has 57 marbles. Tom loses 19. Tom buys 4 packs with 6 marbles in each. How many marbles does Tom have now?"
+)
 MESSAGES = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": PROBLEM}]
 ANTHROPIC_TOOL = {
     "name": "calculator",

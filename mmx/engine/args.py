@@ -21,12 +21,20 @@ class EngineArgs:
     block_size: int = 16  # tokens per KV block
     cache_memory_gb: float | None = None  # KV blocks + state slots; None: 20% of RAM (at most 8 GB)
     enable_chunked_prefill: bool = True
+    # reuse the cache of earlier requests' prefixes (KV blocks, lightning-state snapshots); exact, on by default
+    enable_prefix_caching: bool = True
+    snapshot_memory_gb: float | None = None  # lightning-state snapshots; None: a quarter of the cache budget
+    snapshot_interval: int | None = None  # also keep the states every this many prompt tokens (long prompts)
     seed: int = 0
     allow_non_finite_weights: bool = False  # load a checkpoint whose weights hold NaN / Inf (else refused)
     # int8: per-channel int8 weights for the decoder layers' linear maps (CPU kernel), applied after loading
     quantization: str | None = field(default=None, metadata={"choices": QUANTIZATION_METHODS})
 
     def __post_init__(self) -> None:
+        if self.snapshot_interval is not None and self.snapshot_interval < 1:
+            raise ValueError(f"snapshot_interval must be a positive number of tokens; got {self.snapshot_interval}")
+        if self.snapshot_memory_gb is not None and self.snapshot_memory_gb < 0:
+            raise ValueError(f"snapshot_memory_gb must be at least 0; got {self.snapshot_memory_gb}")
         if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
             raise ValueError(
                 f"quantization must be one of {', '.join(QUANTIZATION_METHODS)} (or None for none); "

@@ -30,6 +30,12 @@ class EngineStats:
     steps_total: int = 0
     running: int = 0
     waiting: int = 0
+    prefix_cache_enabled: bool = False
+    prefix_cache_queried_tokens: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_cache_hit_tokens: int = 0  # of those, tokens whose cache was reused
+    prefix_cache_cached_blocks: int = 0  # unused KV blocks kept for their contents
+    prefix_cache_snapshots: int = 0  # lightning-state snapshots held
+    prefix_cache_snapshot_bytes: int = 0
 
 
 class AsyncLLM:
@@ -95,6 +101,17 @@ class AsyncLLM:
         self._thread.join(timeout=10)
 
     # ------------------------------------------------------------------ engine thread
+    def _prefix_cache_stats(self) -> None:
+        prefix, s = self.engine.prefix_cache, self.stats
+        if prefix is None:
+            return
+        s.prefix_cache_enabled = True
+        s.prefix_cache_queried_tokens = prefix.stats.queried_tokens
+        s.prefix_cache_hit_tokens = prefix.stats.hit_tokens
+        s.prefix_cache_cached_blocks = self.engine.cache.num_cached_blocks
+        s.prefix_cache_snapshots = prefix.num_snapshots_held
+        s.prefix_cache_snapshot_bytes = prefix.snapshot_bytes
+
     def _deliver(self, request_id: str, item) -> None:
         entry = self._streams.get(request_id)
         if entry is None:
@@ -148,6 +165,7 @@ class AsyncLLM:
             self.stats.steps_total += 1
             self.stats.running = len(self.engine.scheduler.running)
             self.stats.waiting = len(self.engine.scheduler.waiting)
+            self._prefix_cache_stats()
             for out in outputs:
                 self.stats.generation_tokens_total += sum(len(sample.new_token_ids) for sample in out.outputs)
                 if out.error is not None:

@@ -3,6 +3,11 @@
 A softmax layer's memory grows with the sequence, so it is paged: fixed-size blocks handed out as a sequence
 grows. A lightning layer keeps one float32 [H, Dk, Dv] state per sequence whatever its length, so each running
 sequence holds one slot (one row in every lightning layer's pool).
+
+Blocks are reference counted so that sequences can share the blocks of a common prefix (prefix caching,
+:mod:`mmx.engine.prefix_cache`). A block whose last user lets go either becomes free or, when the prefix cache
+holds its contents, stays as it is among the *cached* blocks: free for the taking, but taken last (least recently
+used first), and reusable until then.
 """
 
 from __future__ import annotations
@@ -10,6 +15,8 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +30,7 @@ class CacheLayout:
     block_size: int
     num_blocks: int
     num_slots: int
+    num_snapshots: int = 0  # lightning-state snapshots kept for prefix caching (their own share of the budget)
 
     @staticmethod
     def bytes_per_block(config: MiniMaxConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -36,6 +44,11 @@ class CacheLayout:
         return lightning_layers * config.num_attention_heads * config.head_dim * config.head_dim * 4
 
     @classmethod
+    def bytes_per_snapshot(cls, config: MiniMaxConfig, block_size: int, dtype: torch.dtype) -> int:
+        """A slot's lightning states plus the K/V of one partial block (the tokens after the last full block)."""
+        return cls.bytes_per_slot(config) + cls.bytes_per_block(config, block_size, dtype)
+
+    @classmethod
     def plan(
         cls,
         config: MiniMaxConfig,
@@ -44,12 +57,25 @@ class CacheLayout:
         max_num_seqs: int,
         max_model_len: int,
         block_size: int,
+        snapshot_bytes: int | None = 0,
     ) -> CacheLayout:
         """State slots for up to ``max_num_seqs`` sequences and KV blocks with the rest of the budget. The budget
-        must hold one slot plus one sequence of ``max_model_len`` tokens; the error says how much that takes."""
+        must hold one slot plus one sequence of ``max_model_len`` tokens; the error says how much that takes.
+
+        Prefix-cache snapshots of the lightning states (models that have lightning layers) get ``snapshot_bytes``
+        on top of the budget; None: a quarter of the budget, taken from it as far as the rest still holds one
+        sequence of ``max_model_len`` tokens."""
         slot_bytes = cls.bytes_per_slot(config)
         block_bytes = cls.bytes_per_block(config, block_size, dtype)
         longest = math.ceil(max_model_len / block_size) * block_bytes
+        num_snapshots = 0
+        if slot_bytes and snapshot_bytes != 0:
+            each = cls.bytes_per_snapshot(config, block_size, dtype)
+            if snapshot_bytes is None:
+                num_snapshots = max(0, min(memory_bytes // 4, memory_bytes - longest - slot_bytes)) // each
+                memory_bytes -= num_snapshots * each
+            else:
+                num_snapshots = snapshot_bytes // each
         if memory_bytes < longest + slot_bytes:
             raise ValueError(
                 f"cache memory {memory_bytes / 2**20:.1f} MiB cannot hold one sequence of max_model_len="
@@ -60,7 +86,7 @@ class CacheLayout:
         num_blocks = (memory_bytes - num_slots * slot_bytes) // block_bytes if block_bytes else 0
         # never more than max_num_seqs sequences of max_model_len tokens can use
         num_blocks = min(num_blocks, max_num_seqs * math.ceil(max_model_len / block_size))
-        return cls(block_size, int(num_blocks), int(num_slots))
+        return cls(block_size, int(num_blocks), int(num_slots), int(num_snapshots))
 
 
 class HybridCache:
@@ -89,21 +115,82 @@ class HybridCache:
         self._free_blocks = set(range(layout.num_blocks))
         self._free_heap = list(range(layout.num_blocks))
         self._free_slots = list(range(layout.num_slots - 1, -1, -1))
+        self._users = [0] * layout.num_blocks  # sequences holding each block
+        # Unused blocks whose contents the prefix cache indexes, least recently used first. They count as free;
+        # taking one evicts it (``on_evict`` tells the prefix cache to forget it).
+        self._cached: OrderedDict[int, None] = OrderedDict()
+        self.is_indexed: Callable[[int], bool] = lambda block: False
+        self.on_evict: Callable[[int], None] = lambda block: None
 
     # ------------------------------------------------------------------ accounting
     @property
     def num_free_blocks(self) -> int:
-        return len(self._free_blocks)
+        """Blocks that a sequence can take: free ones and cached ones that nobody uses."""
+        return len(self._free_blocks) + len(self._cached)
+
+    @property
+    def num_cached_blocks(self) -> int:
+        """Unused blocks kept for their contents (prefix caching)."""
+        return len(self._cached)
 
     def _take_block(self, after: int | None) -> int:
+        block = self._take_free_block(after)
+        self._users[block] = 1
+        return block
+
+    def _take_free_block(self, after: int | None) -> int:
         if after is not None and after + 1 in self._free_blocks:
             self._free_blocks.remove(after + 1)
             return after + 1
-        while True:
+        while self._free_blocks:
             block = heapq.heappop(self._free_heap)
             if block in self._free_blocks:
                 self._free_blocks.remove(block)
                 return block
+        block, _ = self._cached.popitem(last=False)  # no free block left: evict the least recently used
+        self.on_evict(block)
+        return block
+
+    def share(self, seq: Sequence, blocks: list[int]) -> None:
+        """Append ``blocks`` (already filled, read only from now on) to ``seq``'s block table."""
+        for block in blocks:
+            self._hold(block)
+        seq.block_table.extend(blocks)
+
+    def _hold(self, block: int) -> None:
+        if self._users[block] == 0:
+            del self._cached[block]
+        self._users[block] += 1
+
+    def _drop(self, block: int) -> None:
+        self._users[block] -= 1
+        if self._users[block] > 0:
+            return
+        if self.is_indexed(block):
+            self._cached[block] = None  # most recently used end
+        else:
+            self._free_blocks.add(block)
+            heapq.heappush(self._free_heap, block)
+
+    def num_unused(self, blocks: list[int]) -> int:
+        """How many of ``blocks`` nobody holds (they count among the free blocks until shared)."""
+        return sum(1 for block in blocks if self._users[block] == 0)
+
+    def append_block(self, seq: Sequence) -> int:
+        """One more block for ``seq`` (check :attr:`num_free_blocks` first); returns it."""
+        block = self._take_block(seq.block_table[-1] if seq.block_table else None)
+        seq.block_table.append(block)
+        return block
+
+    def append_copy(self, seq: Sequence, source: int, num_tokens: int) -> None:
+        """Copy-on-write: a fresh block for ``seq`` holding the first ``num_tokens`` K/V rows of ``source``, a block
+        that others share (``seq`` goes on to write the rows after them)."""
+        self._hold(source)  # so that taking the fresh block cannot evict it
+        block = self.append_block(seq)
+        for layer in self.keys:
+            self.keys[layer][block, :num_tokens] = self.keys[layer][source, :num_tokens]
+            self.values[layer][block, :num_tokens] = self.values[layer][source, :num_tokens]
+        self._drop(source)
 
     @property
     def num_free_slots(self) -> int:
@@ -117,7 +204,7 @@ class HybridCache:
 
     def can_admit(self, seq: Sequence, num_tokens: int) -> bool:
         slot_ok = not self.uses_slots or seq.slot is not None or self._free_slots
-        return bool(slot_ok) and self.blocks_to_grow(seq, num_tokens) <= len(self._free_blocks)
+        return bool(slot_ok) and self.blocks_to_grow(seq, num_tokens) <= self.num_free_blocks
 
     def grow(self, seq: Sequence, num_tokens: int) -> None:
         """Give ``seq`` a slot (if it has none) and blocks for ``num_tokens`` tokens; call :meth:`can_admit` first."""
@@ -127,9 +214,9 @@ class HybridCache:
             seq.block_table.append(self._take_block(seq.block_table[-1] if seq.block_table else None))
 
     def release(self, seq: Sequence) -> None:
-        for block in seq.block_table:
-            self._free_blocks.add(block)
-            heapq.heappush(self._free_heap, block)
+        # the last blocks first, so that a cached prefix is evicted from its end (its start is the most shared)
+        for block in reversed(seq.block_table):
+            self._drop(block)
         seq.block_table = []
         if len(self._free_heap) > 4 * max(1, self.layout.num_blocks):  # drop stale heap entries now and then
             self._free_heap = sorted(self._free_blocks)

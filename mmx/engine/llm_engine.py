@@ -20,6 +20,7 @@ from mmx.engine.args import EngineArgs
 from mmx.engine.cache import CacheLayout, HybridCache
 from mmx.engine.outputs import CompletionOutput, RequestOutput
 from mmx.engine.paged_batch import PagedBatch
+from mmx.engine.prefix_cache import PrefixCache
 from mmx.engine.prompt_logprobs import PromptScores, plan_jobs, score
 from mmx.engine.sampler import Sampler
 from mmx.engine.sampling_params import SamplingParams
@@ -96,6 +97,7 @@ class _Request:
             self.finished,
             prompt_logprobs=scores.entries if scores is not None and scores.complete else None,
             error=self.error,
+            num_cached_tokens=self.seqs[0].num_cached_tokens or 0,
         )
 
 
@@ -119,24 +121,38 @@ class LLMEngine:
         self.device = model.device
         self.max_model_len = args.max_model_len or min(self.config.max_position_embeddings, 32768)
         budget = int(args.cache_memory_gb * (1 << 30)) if args.cache_memory_gb else _default_cache_bytes(self.device)
+        snapshot_bytes = 0
+        if args.enable_prefix_caching:
+            snapshot_bytes = None if args.snapshot_memory_gb is None else int(args.snapshot_memory_gb * (1 << 30))
         layout = CacheLayout.plan(
-            self.config, model.dtype, budget, args.max_num_seqs, self.max_model_len, args.block_size
+            self.config, model.dtype, budget, args.max_num_seqs, self.max_model_len, args.block_size, snapshot_bytes
         )
         self.cache = HybridCache(self.config, layout, model.dtype, self.device)
-        self.scheduler = Scheduler(
-            self.cache, args.max_num_seqs, args.max_num_batched_tokens, args.enable_chunked_prefill
-        )
         self.eos_token_ids = sorted({*self.config.eos_token_ids, *eos_token_ids})
+        # the chat formats end every message with their EOS token: where a later turn may depart from this one
+        self.prefix_cache = (
+            PrefixCache(self.cache, self.eos_token_ids, args.snapshot_interval) if args.enable_prefix_caching else None
+        )
+        self.scheduler = Scheduler(
+            self.cache,
+            args.max_num_seqs,
+            args.max_num_batched_tokens,
+            args.enable_chunked_prefill,
+            self.prefix_cache,
+        )
         self.sampler = Sampler(self.eos_token_ids, seed=args.seed)
         self.requests: dict[str, _Request] = {}
         self._tokenizer_json: str | None = None  # what structured outputs compile against, when given
         self._grammars: GrammarCompiler | None = None
         logger.info(
-            "engine: %d KV blocks of %d tokens, %d state slots, max_model_len %d",
+            "engine: %d KV blocks of %d tokens, %d state slots, %d state snapshots, max_model_len %d, "
+            "prefix caching %s",
             layout.num_blocks,
             layout.block_size,
             layout.num_slots,
+            self.prefix_cache.num_snapshots if self.prefix_cache else 0,
             self.max_model_len,
+            "on" if self.prefix_cache else "off",
         )
 
     @classmethod
@@ -226,6 +242,8 @@ class LLMEngine:
         self.requests[request_id] = request
         for seq in request.seqs:
             seq.group = group or request_id
+            if self.prefix_cache is not None and seq.index > 0:
+                seq.leader = request.seqs[0]  # waits for sample 0's prompt, then reuses it
             self.scheduler.add(seq)
 
     def finish_sequence(
@@ -332,6 +350,9 @@ class LLMEngine:
             seq.num_computed_tokens += 1
         for seq, n in plan.prefill:
             seq.num_computed_tokens += n
+        if self.prefix_cache is not None:
+            for seq in [*plan.decode, *(seq for seq, _ in plan.prefill)]:
+                self.prefix_cache.record(seq)
         touched: dict[str, _Request] = {}
         for seq in [*plan.decode, *(seq for seq, _ in plan.prefill)]:
             if seq.params.max_tokens == 0 and seq.num_computed_tokens == seq.num_tokens and not seq.is_finished:

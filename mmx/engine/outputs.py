@@ -34,6 +34,7 @@ class RequestOutput:
     # the one where the prompt's prefill completed
     prompt_logprobs: list[TokenLogprob | None] | None = None
     error: str | None = None  # why the engine failed this request (it alone; the rest of the batch goes on)
+    num_cached_tokens: int = 0  # prompt tokens whose cache was reused from earlier requests (prefix caching)
 
     # the first sample, for the common n = 1 case
     @property

@@ -6,6 +6,11 @@ the budget, the state slots and the KV blocks allow, fairly across requests (:me
 When a running sequence cannot get the block it needs, the newest running sequences are preempted: their cache
 is dropped and they go back to the front of the queue, to be recomputed later (a lightning state cannot be
 swapped out piecewise, and recomputing is what vLLM does too).
+
+With a :class:`~mmx.engine.prefix_cache.PrefixCache`, an admitted sequence starts after the longest prefix of its
+tokens that is cached, a prefill chunk ends where the sequence's lightning states are to be kept, the states of a
+sequence that finishes or is preempted are kept (a preempted one usually resumes where it stopped), and the other
+samples of a request wait until the first has fed its prompt, to reuse it.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 
 from mmx.engine.cache import HybridCache
+from mmx.engine.prefix_cache import PrefixCache
 from mmx.engine.sequence import Sequence, Status
 
 
@@ -38,6 +44,7 @@ class Scheduler:
         max_num_seqs: int,
         max_num_batched_tokens: int,
         chunked_prefill: bool = True,
+        prefix_cache: PrefixCache | None = None,
     ):
         if max_num_batched_tokens < 1 or max_num_seqs < 1:
             raise ValueError("max_num_seqs and max_num_batched_tokens must be positive")
@@ -45,6 +52,7 @@ class Scheduler:
         self.max_num_seqs = min(max_num_seqs, cache.layout.num_slots) if cache.uses_slots else max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.chunked_prefill = chunked_prefill
+        self.prefix_cache = prefix_cache
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self._live: Counter[str] = Counter()  # unfinished sequences of each group
@@ -57,9 +65,13 @@ class Scheduler:
         self._live[seq.group] += 1
 
     def _tokens_for(self, seq: Sequence, budget: int) -> int:
-        """How many pending tokens ``seq`` feeds with ``budget`` left (0: it must wait for a later step)."""
-        if seq.num_pending <= budget:
-            return seq.num_pending
+        """How many pending tokens ``seq`` feeds with ``budget`` left (0: it must wait for a later step). A chunk
+        ends where the sequence's lightning states are to be kept."""
+        pending = seq.num_pending
+        if seq.snapshot_at:
+            pending = min(pending, seq.snapshot_at[0] - seq.num_computed_tokens)
+        if pending <= budget:
+            return pending
         return budget if self.chunked_prefill else 0
 
     def schedule(self) -> StepPlan:
@@ -88,45 +100,74 @@ class Scheduler:
             budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self._next_waiting()
+            if seq is None:
+                break
+            cached = self._attach(seq)
             n = self._tokens_for(seq, budget)
-            if n == 0 or not self.cache.can_admit(seq, n):
+            if n == 0 or not self.cache.can_admit(seq, seq.num_computed_tokens + n):
+                if cached:  # give the shared prefix back; it stays cached
+                    self.cache.release(seq)
+                seq.reset_cache()
                 break
             self.waiting.remove(seq)
             if seq.seq_id in self._preempted:
                 self._preempted.discard(seq.seq_id)
             else:
                 self._admitted[seq.group] += 1
-            self.cache.grow(seq, n)
+            if seq.num_cached_tokens is None:  # its first admission: what the request's usage reports
+                seq.num_cached_tokens = cached
+                if self.prefix_cache is not None:
+                    self.prefix_cache.stats.queried_tokens += len(seq.prompt_token_ids)
+                    self.prefix_cache.stats.hit_tokens += cached
+            self.cache.grow(seq, seq.num_computed_tokens + n)
             seq.status = Status.RUNNING
             self.running.append(seq)
             plan.prefill.append((seq, n))
             budget -= n
         if plan.empty and self.waiting and not self.running:
-            seq = self.waiting[0]
+            seq = self._next_waiting() or self.waiting[0]
             raise RuntimeError(
                 f"cannot schedule {seq}: the cache has {self.cache.num_free_blocks} free blocks and "
                 f"{self.cache.num_free_slots} free slots; the engine's cache is too small for this request"
             )
         return plan
 
-    def _next_waiting(self) -> Sequence:
+    def _attach(self, seq: Sequence) -> int:
+        """Start ``seq`` (nothing of it in the cache) after its longest cached prefix; the tokens reused."""
+        if self.prefix_cache is None:
+            return 0
+        cached = self.prefix_cache.attach(seq)
+        self.prefix_cache.plan_snapshots(seq)
+        return cached
+
+    def _next_waiting(self) -> Sequence | None:
         """Fair admission. A preempted sequence comes back first (its work is being redone); otherwise the next
         sequence is the one whose group (an API request: its prompts x n samples) has had the fewest sequences
         admitted so far, the longest waiting among equals. A request of many sequences thus takes turns with the
-        others instead of going ahead of them: a small request that arrives behind it gets the next free place."""
+        others instead of going ahead of them: a small request that arrives behind it gets the next free place.
+        A sample that waits for its first sibling's prompt (prefix caching) is passed over; None if all are."""
         head = self.waiting[0]
         if head.seq_id in self._preempted:
             return head
-        best, fewest = head, self._admitted[head.group]
+        best, fewest = None, 0
         for seq in self.waiting:
+            if not self._ready(seq):
+                continue
+            count = self._admitted[seq.group]
+            if best is None or count < fewest:
+                best, fewest = seq, count
             if fewest == 0:
                 break
-            count = self._admitted[seq.group]
-            if count < fewest:
-                best, fewest = seq, count
         return best
 
+    @staticmethod
+    def _ready(seq: Sequence) -> bool:
+        leader = seq.leader
+        return leader is None or leader.is_finished or leader.num_computed_tokens >= len(leader.prompt_token_ids) - 1
+
     def _preempt(self, seq: Sequence) -> None:
+        if self.prefix_cache is not None:
+            self.prefix_cache.snapshot(seq)  # it resumes from here if the snapshot is still there
         self.cache.release(seq)
         self.running.remove(seq)
         seq.reset_cache()
@@ -140,6 +181,8 @@ class Scheduler:
             return
         if seq in self.running:
             self.running.remove(seq)
+            if self.prefix_cache is not None and reason != "error":
+                self.prefix_cache.snapshot(seq)  # the next turn of a conversation resumes here
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.cache.release(seq)

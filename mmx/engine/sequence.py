@@ -45,6 +45,13 @@ class Sequence:
         self.num_computed_tokens = 0
         self.block_table: list[int] = []
         self.slot: int | None = None
+        # prefix caching: the chain ids of the full blocks indexed so far (mmx.engine.prefix_cache), the positions
+        # where the lightning states are to be kept (ascending), prompt tokens reused at first admission, and the
+        # sibling (sample 0 of the same request) whose prompt this sample waits for, to reuse it
+        self.block_uids: list[int] = []
+        self.snapshot_at: list[int] = []
+        self.num_cached_tokens: int | None = None
+        self.leader: Sequence | None = None
         self.logprobs: list[TokenLogprob] = []
         self.generator: torch.Generator | None = None
         if params.seed is not None:
@@ -88,6 +95,8 @@ class Sequence:
         """Forget the cache (preemption by recompute): every token will be fed again."""
         self.num_computed_tokens = 0
         self.block_table = []
+        self.block_uids = []
+        self.snapshot_at = []
         self.slot = None
         self.status = Status.WAITING
 

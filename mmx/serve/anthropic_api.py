@@ -182,15 +182,15 @@ async def messages(body: AnthropicMessagesRequest, request: Request):
         "content": content,
         "stop_reason": stop_reason,
         "stop_sequence": stop_sequence,
-        "usage": _usage(len(run.prompt_ids), run.completion_tokens),
+        "usage": _usage(len(run.prompt_ids), run.completion_tokens, run.cached_tokens),
     }
 
 
-def _usage(input_tokens: int, output_tokens: int, cached_tokens: int = 0) -> dict:
-    """Anthropic usage; ``cached_tokens``: prompt tokens whose cache was reused (none until the engine caches
-    prefixes; mmx never charges for writing a cache)."""
+def _usage(prompt_tokens: int, output_tokens: int, cached_tokens: int = 0) -> dict:
+    """Anthropic usage: as in Anthropic's API, ``input_tokens`` counts the prompt tokens not read from the cache, so
+    that the prompt is input_tokens + cache_read_input_tokens (mmx never charges for writing a cache)."""
     return {
-        "input_tokens": input_tokens,
+        "input_tokens": prompt_tokens - cached_tokens,
         "output_tokens": output_tokens,
         "cache_read_input_tokens": cached_tokens,
         "cache_creation_input_tokens": 0,
@@ -271,7 +271,8 @@ async def _stream(state, run: Run) -> AsyncIterator[str]:
                             "message_delta",
                             {
                                 "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
-                                "usage": {"output_tokens": run.completion_tokens},
+                                # cumulative, as Anthropic sends it; the cache read is known only now
+                                "usage": _usage(len(run.prompt_ids), run.completion_tokens, run.cached_tokens),
                             },
                         )
                     )

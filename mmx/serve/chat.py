@@ -232,6 +232,7 @@ class Run:
     echo: str = ""  # prompt text returned before the completion (completions' echo)
     created: int = field(default_factory=lambda: int(time.time()))
     prompt_logprobs: list | None = None  # the engine's, once the prompt is prefilled (params.prompt_logprobs)
+    cached_tokens: int = 0  # prompt tokens whose cache the engine reused (prefix caching)
 
     @property
     def completion_tokens(self) -> int:
@@ -256,6 +257,7 @@ async def follow(engine, run: Run) -> AsyncIterator[tuple[int, list[ReplyEvent],
         async for out in run.outputs:
             if run.prompt_logprobs is None:
                 run.prompt_logprobs = out.prompt_logprobs
+            run.cached_tokens = out.num_cached_tokens
             for sample in out.outputs:
                 stream = streams[sample.index]
                 if stream.done:

@@ -125,8 +125,8 @@ def _tool_choice(body: ChatCompletionRequest) -> str:
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
-    """OpenAI usage; ``cached_tokens``: prompt tokens whose cache was reused (none until the engine caches
-    prefixes)."""
+    """OpenAI usage; ``cached_tokens``: prompt tokens whose cache was reused (prefix caching), counted in
+    ``prompt_tokens`` too."""
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
@@ -206,7 +206,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
         "created": run.created,
         "model": state.model_name,
         "choices": choices,
-        "usage": usage(len(run.prompt_ids), run.completion_tokens),
+        "usage": usage(len(run.prompt_ids), run.completion_tokens, run.cached_tokens),
     }
     if body.prompt_logprobs is not None:  # vLLM: the rendered prompt's, top-level
         response["prompt_logprobs"] = prompt_logprobs(
@@ -259,7 +259,9 @@ async def _chat_stream(state, run: Run, body: ChatCompletionRequest) -> AsyncIte
             if pending is not None:
                 yield chunk(index, {}, logprobs=pending)
         if _include_usage(body):
-            yield sse({**base, "choices": [], "usage": usage(len(run.prompt_ids), run.completion_tokens)})
+            yield sse(
+                {**base, "choices": [], "usage": usage(len(run.prompt_ids), run.completion_tokens, run.cached_tokens)}
+            )
         state.metrics.request_finished("chat", time.perf_counter() - start)
     except (RequestError, ValueError, RuntimeError) as e:
         state.metrics.request_failed("chat")
@@ -386,7 +388,11 @@ async def completions(body: CompletionRequest, request: Request):
 
 
 def _completion_usage(runs: list[Run]) -> dict:
-    return usage(sum(len(r.prompt_ids) for r in runs), sum(r.completion_tokens for r in runs))
+    return usage(
+        sum(len(r.prompt_ids) for r in runs),
+        sum(r.completion_tokens for r in runs),
+        sum(r.cached_tokens for r in runs),
+    )
 
 
 async def _completion_stream(state, body: CompletionRequest, rid: str, runs: list[Run]) -> AsyncIterator[str]:

@@ -376,7 +376,7 @@ def _usage(ctx: _Context) -> dict[str, Any]:
     prompt, generated = len(ctx.run.prompt_ids), ctx.run.completion_tokens
     return {
         "input_tokens": prompt,
-        "input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0},  # the engine keeps no prefix cache
+        "input_tokens_details": {"cached_tokens": ctx.run.cached_tokens, "cache_write_tokens": 0},
         "output_tokens": generated,
         "output_tokens_details": {"reasoning_tokens": reasoning_tokens(ctx.state.tokenizer, ctx.stream)},
         "total_tokens": prompt + generated,
