@@ -73,6 +73,10 @@ class LLM:
         self._ids = itertools.count()
 
     # ------------------------------------------------------------------ public
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix: call it after changing the model's weights in place."""
+        self.engine.reset_prefix_cache()
+
     def generate(
         self,
         prompts: str | list[int] | list[str] | list[list[int]],

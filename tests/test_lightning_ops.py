@@ -17,6 +17,7 @@ from mmx.ops import (
     lightning_decode,
     lightning_naive,
     lightning_prefill,
+    lightning_prefix_states,
     lightning_recurrent,
 )
 from mmx.ops.slopes import alibi_slopes, geometric_slopes
@@ -105,6 +106,20 @@ def test_state_hand_off_between_calls_and_decode():
     for t in range(50, 61):
         pieces.append(lightning_decode(q[:, t], k[:, t], v[:, t], rates, s)[:, None])
     assert _rel(torch.cat(pieces, dim=1), full) < 1e-5 and _rel(s, full_state) < 1e-5
+
+
+@pytest.mark.parametrize("with_state", [False, True])
+def test_prefix_states_equal_the_recurrence_stopped_there(with_state):
+    """The closed form that prefix caching keeps snapshots with: the state after the first e tokens, for several e
+    at once, is the float64 recurrence's final state over those tokens."""
+    q, k, v, rates, state = _inputs(b=1, t=45)
+    initial = state[0] if with_state else None
+    ends = [1, 17, 44, 45]
+    got = lightning_prefix_states(k[0], v[0], rates, initial, ends)
+    assert got.dtype == torch.float32 and got.shape == (4, 3, 8, 6)
+    for e, kept in zip(ends, got):
+        _, want = lightning_naive(q[:, :e], k[:, :e], v[:, :e], rates, state[:1] if with_state else None)
+        assert _rel(kept, want[0]) < 1e-5, e
 
 
 def test_varlen_equals_per_sequence():

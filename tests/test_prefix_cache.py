@@ -207,6 +207,26 @@ def test_snapshot_grid_for_long_prompts():
     assert out.token_ids == _expected(model, out.prompt_token_ids)
 
 
+@pytest.mark.parametrize("preset", ["tiny-m1", "tiny-m2"])
+def test_new_weights_need_a_reset(preset):
+    """The cache holds what the weights computed: after an in-place weight change (an RL step) reset_prefix_cache
+    forgets it, and the next request is computed with the new weights."""
+    model = tiny_model(preset, seed=3)
+    gen = torch.Generator().manual_seed(9)
+    prompt = _tokens(gen, 30)
+    engine = _engine(model)
+    _run(engine, [prompt])
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.5)
+    engine.reset_prefix_cache()
+    (out,) = _run(engine, [prompt])
+    assert out.num_cached_tokens == 0 and out.token_ids == _expected(model, prompt)
+    assert engine.cache.num_free_blocks == engine.cache.layout.num_blocks
+    (again,) = _run(engine, [prompt])
+    assert again.num_cached_tokens > 0 and again.token_ids == out.token_ids
+
+
 def test_prefix_caching_off_keeps_nothing():
     model = tiny_model("tiny-m1")
     engine = _engine(model, caching=False)
@@ -246,7 +266,8 @@ def test_the_server_reports_cached_prompt_tokens(tiny_server):
     assert first.usage.prompt_tokens - 8 <= cached < second.usage.prompt_tokens
 
     claude = anthropic.Anthropic(base_url=tiny_server, api_key="unused", max_retries=0)
-    ask = dict(model="mmx-tiny", system=system, max_tokens=4)
+    marked = [{"type": "text", "text": system, "cache_control": {"type": "ephemeral"}}]  # accepted; mmx caches anyway
+    ask = dict(model="mmx-tiny", system=marked, max_tokens=4)
     claude.messages.create(**ask, messages=[{"role": "user", "content": "Name a fruit."}])
     again = claude.messages.create(**ask, messages=[{"role": "user", "content": "Name a fruit."}])
     usage = again.usage
@@ -274,3 +295,40 @@ def test_serve_without_prefix_caching(tiny_tokenizer, tmp_path):
         ask = dict(model=tmp_path.name, prompt="the same prompt twice", max_tokens=2, temperature=0)
         client.completions.create(**ask)
         assert client.completions.create(**ask).usage.prompt_tokens_details.cached_tokens == 0
+
+
+# ---------------------------------------------------------------------------------------------------- M2 re-rendering
+WEATHER = {
+    "type": "function",
+    "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}},
+}
+REPLY = (  # what the model wrote after the generation prompt "]~b]ai\n<think>\n", in the format's own layout
+    "The user wants the weather, so I call the tool.\n</think>\n\n<minimax:tool_call>\n<invoke name=\"get_weather\">\n"
+    '<parameter name="city">Paris</parameter>\n</invoke>\n</minimax:tool_call>[e~['
+)
+REPLY_MESSAGE = {  # the same reply as the server returns it and an agent sends it back
+    "role": "assistant",
+    "content": "",
+    "reasoning_content": "The user wants the weather, so I call the tool.",
+    "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}}],
+}
+
+
+def test_m2_template_re_renders_the_models_turn_to_the_same_tokens(tiny_tokenizer):
+    """In a tool loop (no user message after the reply) the next prompt starts with this turn's prompt and reply,
+    token for token, so the next turn resumes after both; after a new user message the template drops the reply's
+    reasoning, and the next turn resumes from the snapshot after the last message end before the reply."""
+    tok = tiny_tokenizer
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather in Paris?"}]
+    prompt = tok.encode(tok.apply_chat_template(messages, tools=[WEATHER]))
+    seen = prompt + tok.encode(REPLY)
+    tool_turn = [*messages, REPLY_MESSAGE, {"role": "tool", "content": "18 C, sunny"}]
+    following = tok.encode(tok.apply_chat_template(tool_turn, tools=[WEATHER]))
+    assert following[: len(seen)] == seen
+
+    user_turn = [*messages, REPLY_MESSAGE, {"role": "user", "content": "And in Rome?"}]
+    after_user = tok.encode(tok.apply_chat_template(user_turn, tools=[WEATHER]))
+    common = next(i for i, (a, b) in enumerate(zip(seen, after_user)) if a != b)
+    end = tok.eos_token_id  # "[e~[": every message ends with it
+    last_end = max(i for i, t in enumerate(prompt) if t == end) + 1
+    assert last_end <= common < len(prompt)  # it parts inside the generation prompt, after the user's message end

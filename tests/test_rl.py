@@ -198,7 +198,9 @@ def test_two_step_rl_run(tmp_path):
         "groups_kept",
     ):
         assert key in first, key
-    assert first["prob_correlation"] > 0.999  # the sampler's log-probs are the trainer's, token for token
+    # the sampler's log-probs are the trainer's, token for token, at every step: the rollouts of step 2 reuse no
+    # prefix that step 1's weights computed (the trainer resets the engine's prefix cache after each update)
+    assert all(r["prob_correlation"] > 0.999 for r in records[1:]), [r["prob_correlation"] for r in records[1:]]
     assert "eval_accuracy" in records[2]
     assert (out / "checkpoint-2" / "model.safetensors").exists() and (out / "rl.png").exists()
     import mmx

@@ -151,6 +151,13 @@ class HybridCache:
         self.on_evict(block)
         return block
 
+    def free_cached_blocks(self) -> None:
+        """Make every unused cached block free (their contents are no longer wanted)."""
+        for block in self._cached:
+            self._free_blocks.add(block)
+        self._free_heap = sorted(self._free_blocks)
+        self._cached.clear()
+
     def share(self, seq: Sequence, blocks: list[int]) -> None:
         """Append ``blocks`` (already filled, read only from now on) to ``seq``'s block table."""
         for block in blocks:

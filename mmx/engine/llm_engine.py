@@ -272,6 +272,12 @@ class LLMEngine:
             self.scheduler.finish(seq, "abort")
         return request.output()
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix. Call it after changing the model's weights in place (an RL step): the cache
+        holds what the old weights computed. Requests running now keep their own cache."""
+        if self.prefix_cache is not None:
+            self.prefix_cache.reset()
+
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
@@ -282,7 +288,10 @@ class LLMEngine:
     # ------------------------------------------------------------------ one step
     @torch.inference_mode()
     def _forward(self, plan: StepPlan) -> list[tuple[Sequence, int, Any]]:
-        batch = PagedBatch(self.cache, plan.decode, plan.prefill, self.device)
+        prefix = self.prefix_cache
+        captures = prefix.plan_captures(plan.prefill) if prefix is not None else []
+        snapshots = prefix.states if prefix is not None else None
+        batch = PagedBatch(self.cache, plan.decode, plan.prefill, self.device, captures, snapshots)
         ids = torch.tensor([batch.token_ids], dtype=torch.long, device=self.device)
         hidden = self.model.model(ids, batch.positions_tensor, cache=batch)
         self._score_prompts(batch, hidden[0])

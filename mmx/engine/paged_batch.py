@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from mmx.engine.cache import HybridCache
 from mmx.engine.sequence import Sequence
 from mmx.model.cache import causal_softmax
-from mmx.ops import lightning_decode, lightning_prefill
+from mmx.ops import lightning_decode, lightning_prefill, lightning_prefix_states
 
 # Decode histories at least this long are read in place (when contiguous) rather than gathered into the batch.
 LONG_CONTEXT = 1024
@@ -27,7 +27,11 @@ class PagedBatch:
         decode: list[Sequence],
         prefill: list[tuple[Sequence, int]],
         device: torch.device,
+        captures: list[tuple[int, int, int]] = (),
+        snapshot_states: dict[int, torch.Tensor] | None = None,
     ):
+        """``captures``: (prefill index, offset in its chunk, row) where the lightning states are to be copied into
+        ``snapshot_states`` [rows, H, Dk, Dv] per layer, in the middle of a chunk (prefix caching)."""
         self.cache = cache
         if cache.uses_slots:  # decode in slot order, so that a run of slots is updated in place
             decode = sorted(decode, key=lambda s: s.slot)
@@ -90,6 +94,13 @@ class PagedBatch:
             for _, n in prefill:
                 cu.append(cu[-1] + n)
             self.prefill_cu = torch.tensor(cu, dtype=torch.int32, device=device)
+            self.snapshot_states = snapshot_states
+            # (prefill index, [offsets], [snapshot rows]) of the chunks whose inner states are kept
+            grouped: dict[int, list[tuple[int, int]]] = {}
+            for i, offset, row in captures:
+                grouped.setdefault(i, []).append((offset, row))
+            self.captures = [(i, [o for o, _ in c], [r for _, r in c]) for i, c in sorted(grouped.items())]
+            self.prefill_bounds = cu
 
     # ------------------------------------------------------------------ AttentionCache protocol
     def positions(self, batch: int, seq_len: int, device: torch.device) -> torch.Tensor:
@@ -147,6 +158,8 @@ class PagedBatch:
         if nd:
             outs.append(lightning_decode(q[0, :nd], k[0, :nd], v[0, :nd], rates, pool, self.decode_slots)[None])
         if self.prefill_spans:
+            if self.captures:
+                self._capture_states(layer_idx, k[0, nd:], v[0, nd:], rates, pool)
             outs.append(
                 lightning_prefill(
                     q[:, nd:],
@@ -160,3 +173,13 @@ class PagedBatch:
                 )
             )
         return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]
+
+    def _capture_states(self, layer_idx: int, k: torch.Tensor, v: torch.Tensor, rates, pool: torch.Tensor) -> None:
+        """Keep the states at the capture offsets inside the prefill chunks (before the prefill updates the slots,
+        whose states they start from)."""
+        bounds = self.prefill_bounds
+        for i, offsets, rows in self.captures:
+            seq_start, seq_end = bounds[i], bounds[i + 1]
+            initial = pool[self.prefill_slots[i]] if self.prefill_has_state[i] else None
+            states = lightning_prefix_states(k[seq_start:seq_end], v[seq_start:seq_end], rates, initial, offsets)
+            self.snapshot_states[layer_idx][rows] = states.to(pool.dtype)

@@ -18,6 +18,10 @@ eviction, and are taken where a later request is likely to resume (:meth:`Prefix
   output, then a tool result) resumes;
 * optionally every ``snapshot_interval`` tokens of a long prompt.
 
+A position inside a prefill chunk costs no extra step: the lightning layers compute the states there from the
+chunk's keys and values (:func:`mmx.ops.lightning_prefix_states`, :meth:`PrefixCache.plan_captures`); a chunk's end,
+or a sequence's, is read from its slot.
+
 A hybrid request resumes from the longest P where both hold: a snapshot at P, and the full blocks before P cached.
 A model without lightning layers resumes after its last cached full block (at most one token short of its
 prompt: a fully cached prompt copies its last block and recomputes its last token, copy-on-write).
@@ -90,6 +94,7 @@ class PrefixCache:
         self._free_rows = list(range(s - 1, -1, -1))
         self._snapshots: OrderedDict[BlockKey, int] = OrderedDict()  # key -> row, least recently used first
         self._by_parent: dict[int, dict[tuple[int, ...], int]] = {}  # chain id -> {tail tokens: row}
+        self._captures: dict[int, list[tuple[int, int]]] = {}  # seq id -> (position, row) filled by this forward
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -183,10 +188,46 @@ class PrefixCache:
             points.update(range(self.snapshot_interval, end, self.snapshot_interval))
         seq.snapshot_at = sorted(p for p in points if start < p <= end)
 
+    def plan_captures(self, prefill: list[tuple[Sequence, int]]) -> list[tuple[int, int, int]]:
+        """Snapshots to take inside the coming forward: (prefill index, offset in its chunk, snapshot row) for every
+        planned position strictly inside a prefill chunk. The lightning layers write their states at that
+        position into the row (:class:`~mmx.engine.paged_batch.PagedBatch`); :meth:`record` indexes them after
+        the forward. A position at a chunk's end needs nothing: the slot holds those states afterwards."""
+        for rows in self._captures.values():  # a forward that failed left these unused
+            self._free_rows.extend(row for _, row in rows)
+        self._captures.clear()
+        if not self.num_snapshots:
+            return []
+        captures = []
+        for i, (seq, n) in enumerate(prefill):
+            start = seq.num_computed_tokens
+            for position in seq.snapshot_at:
+                if not start < position < start + n or self._known(seq, position):
+                    continue
+                row = self._free_row()
+                if row is None:  # every row is being filled by this forward
+                    break
+                self._captures.setdefault(seq.seq_id, []).append((position, row))
+                captures.append((i, position - start, row))
+        return captures
+
+    def _known(self, seq: Sequence, position: int) -> bool:
+        """Whether a snapshot of ``seq`` at ``position`` is already kept (then marked as just used)."""
+        full = position // self.block_size
+        if len(seq.block_uids) < full:
+            return False  # its blocks are not indexed yet: cannot tell
+        key = (seq.block_uids[full - 1] if full else ROOT, tuple(seq.tokens(full * self.block_size, position)))
+        if key in self._snapshots:
+            self._snapshots.move_to_end(key)
+            return True
+        return False
+
     def record(self, seq: Sequence) -> None:
-        """After a forward that fed ``seq``: index its newly full blocks, and keep its states if it has reached a
-        planned position."""
+        """After a forward that fed ``seq``: index its newly full blocks, keep the states captured inside the
+        forward, and those at its chunk's end if that was a planned position."""
         self.index_blocks(seq)
+        for position, row in self._captures.pop(seq.seq_id, ()):
+            self._keep(seq, position, row)
         while seq.snapshot_at and seq.snapshot_at[0] <= seq.num_computed_tokens:
             if seq.snapshot_at.pop(0) == seq.num_computed_tokens:
                 self.snapshot(seq)
@@ -212,19 +253,27 @@ class PrefixCache:
         if not self.num_snapshots or seq.slot is None or position == 0:
             return
         self.index_blocks(seq)
+        if self._known(seq, position) or len(seq.block_uids) < position // self.block_size:
+            return
+        row = self._free_row()
+        if row is None:
+            return
+        for layer, pool in self.cache.states.items():
+            self.states[layer][row] = pool[seq.slot]
+        self._keep(seq, position, row)
+
+    def _keep(self, seq: Sequence, position: int, row: int) -> None:
+        """Index snapshot ``row``, which holds ``seq``'s lightning states after ``position`` tokens: copy the K/V
+        of its partial block beside them (those rows are written and stay as they are)."""
         bs = self.block_size
         full = position // bs
-        if len(seq.block_uids) < full:
-            return
         parent = seq.block_uids[full - 1] if full else ROOT
         tail = tuple(seq.tokens(full * bs, position))
         key = (parent, tail)
-        if key in self._snapshots:
+        if key in self._snapshots:  # taken meanwhile by another sequence with the same tokens
+            self._free_rows.append(row)
             self._snapshots.move_to_end(key)
             return
-        row = self._free_row()
-        for layer, pool in self.cache.states.items():
-            self.states[layer][row] = pool[seq.slot]
         if tail:
             block = seq.block_table[full]
             for layer in self.cache.keys:
@@ -234,9 +283,12 @@ class PrefixCache:
         self._by_parent.setdefault(parent, {})[tail] = row
         self.stats.snapshots_taken += 1
 
-    def _free_row(self) -> int:
+    def _free_row(self) -> int | None:
+        """A snapshot row to fill: a free one, or the least recently used one's (None: all are being filled)."""
         if self._free_rows:
             return self._free_rows.pop()
+        if not self._snapshots:
+            return None
         key, row = self._snapshots.popitem(last=False)
         self._unlink_snapshot(key)
         self.stats.snapshots_evicted += 1
@@ -250,6 +302,17 @@ class PrefixCache:
             del self._by_parent[parent]
 
     # ------------------------------------------------------------------ eviction
+    def reset(self) -> None:
+        """Forget every cached prefix (the model's weights changed): unused cached blocks become free, snapshots go.
+        Blocks that running sequences hold stay theirs, no longer indexed."""
+        self.cache.free_cached_blocks()
+        self._blocks.clear()
+        self._key_of.clear()
+        self._snapshots.clear()
+        self._by_parent.clear()
+        self._captures.clear()
+        self._free_rows = list(range(self.num_snapshots - 1, -1, -1))
+
     def _forget_block(self, block: int) -> None:
         """The cache took back ``block``: its contents and the snapshots that continue it can no longer be used."""
         key = self._key_of.pop(block)

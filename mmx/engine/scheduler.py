@@ -8,9 +8,8 @@ is dropped and they go back to the front of the queue, to be recomputed later (a
 swapped out piecewise, and recomputing is what vLLM does too).
 
 With a :class:`~mmx.engine.prefix_cache.PrefixCache`, an admitted sequence starts after the longest prefix of its
-tokens that is cached, a prefill chunk ends where the sequence's lightning states are to be kept, the states of a
-sequence that finishes or is preempted are kept (a preempted one usually resumes where it stopped), and the other
-samples of a request wait until the first has fed its prompt, to reuse it.
+tokens that is cached, the states of a sequence that finishes or is preempted are kept (a preempted one usually
+resumes where it stopped), and the other samples of a request wait until the first has fed its prompt, to reuse it.
 """
 
 from __future__ import annotations
@@ -65,13 +64,9 @@ class Scheduler:
         self._live[seq.group] += 1
 
     def _tokens_for(self, seq: Sequence, budget: int) -> int:
-        """How many pending tokens ``seq`` feeds with ``budget`` left (0: it must wait for a later step). A chunk
-        ends where the sequence's lightning states are to be kept."""
-        pending = seq.num_pending
-        if seq.snapshot_at:
-            pending = min(pending, seq.snapshot_at[0] - seq.num_computed_tokens)
-        if pending <= budget:
-            return pending
+        """How many pending tokens ``seq`` feeds with ``budget`` left (0: it must wait for a later step)."""
+        if seq.num_pending <= budget:
+            return seq.num_pending
         return budget if self.chunked_prefill else 0
 
     def schedule(self) -> StepPlan:

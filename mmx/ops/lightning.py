@@ -179,3 +179,25 @@ def lightning_prefill(
         out, finals = lightning_attention(q, k, v, rates, initial, cu_seqlens=cu_seqlens, backend=backend)
     pool.index_copy_(0, slots, finals.to(pool.dtype))
     return out
+
+
+def lightning_prefix_states(
+    k: torch.Tensor, v: torch.Tensor, rates: torch.Tensor, initial: torch.Tensor | None, ends: list[int]
+) -> torch.Tensor:
+    """The states after the first ``e`` tokens of one sequence, for each ``e`` in ``ends``: k [T, H, Dk],
+    v [T, H, Dv], ``initial`` [H, Dk, Dv] float32 (None: zero) -> [len(ends), H, Dk, Dv] float32.
+
+    The recurrence S = lambda S + k^T v (lambda = exp(-rate) per head) summed in closed form:
+    S_e = lambda^e S_0 + sum_{j<e} lambda^(e-1-j) k_j^T v_j; one product per end, so that a prefill can keep
+    states from inside its chunk (prefix caching) without being cut there."""
+    rates = rates.float()
+    keys, values = k.float(), v.float()
+    positions = torch.arange(max(ends), device=k.device, dtype=torch.float32)
+    states = []
+    for e in ends:
+        weights = torch.exp(-rates[None, :] * (e - 1 - positions[:e])[:, None])  # [e, H]
+        state = torch.einsum("jhd,jhe->hde", keys[:e] * weights[..., None], values[:e])
+        if initial is not None:
+            state += torch.exp(-rates * e)[:, None, None] * initial
+        states.append(state)
+    return torch.stack(states)

@@ -138,6 +138,7 @@ class RLTrainer:
         return save_checkpoint(self.cfg.out_dir, self.step, self.policy, self.tokenizer, state, keep=2)
 
     def _sync_rollout_weights(self) -> None:
+        self.llm.engine.reset_prefix_cache()  # what the old weights computed must not be reused
         if self.rollout_model is self.policy:
             return
         with torch.no_grad():
