@@ -6,6 +6,7 @@ caching on and off, on the same model: prompt tokens computed (fed to the model)
 wall time; snapshot memory at the end.
 
     python bench/prefix_cache.py                       # mmx-tiny and the tiny hybrid M1 bench config
+    python bench/prefix_cache.py --reply-tokens 16-48  # replies of varied length: the sessions drift apart
     python bench/prefix_cache.py --models mmx-tiny --sessions 4 --turns 3    # a quick look
 """
 
@@ -52,18 +53,17 @@ def words(gen: torch.Generator, n: int, vocab: int) -> list[int]:
 class Session:
     """One agent: its conversation so far and the tool results it will get (fixed by its seed)."""
 
-    def __init__(self, system: list[int], index: int, turns: int, vocab: int):
+    def __init__(self, system: list[int], index: int, turns: int, vocab: int, replies: tuple[int, int]):
         gen = torch.Generator().manual_seed(1000 + index)
         self.prompt = [*system, *words(gen, 24, vocab), END, 5]  # the user's task, then the assistant's header
         self.tools = [words(gen, int(torch.randint(50, 201, (1,), generator=gen)), vocab) for _ in range(turns)]
+        self.reply_tokens = [int(torch.randint(replies[0], replies[1] + 1, (1,), generator=gen)) for _ in range(turns)]
 
 
-async def run_session(
-    engine: AsyncLLM, session: Session, index: int, turns: int, reply_tokens: int, out: dict
-) -> None:
-    params = SamplingParams(temperature=0, max_tokens=reply_tokens, ignore_eos=True)
+async def run_session(engine: AsyncLLM, session: Session, index: int, turns: int, out: dict) -> None:
     prompt = session.prompt
     for turn in range(turns):
+        params = SamplingParams(temperature=0, max_tokens=session.reply_tokens[turn], ignore_eos=True)
         start = time.perf_counter()
         first = None
         async for output in engine.generate(prompt, params, f"s{index}-t{turn}"):
@@ -98,7 +98,9 @@ def count_prompt_tokens_fed(engine: LLMEngine) -> list[int]:
 def measure(model, caching: bool, args, vocab: int) -> dict:
     gen = torch.Generator().manual_seed(0)
     system = [*words(gen, args.system_tokens - 3, vocab), END, 4]  # the system message, then a turn opens
-    sessions = [Session(system, i, args.turns, vocab) for i in range(args.sessions)]
+    low, _, high = args.reply_tokens.partition("-")
+    replies = (int(low), int(high or low))
+    sessions = [Session(system, i, args.turns, vocab, replies) for i in range(args.sessions)]
     engine = LLMEngine(
         model,
         eos_token_ids=[END],
@@ -112,9 +114,7 @@ def measure(model, caching: bool, args, vocab: int) -> dict:
     out = {"ttft": [], "cached": 0, "prompt": 0, "replies": {}}
 
     async def main():
-        await asyncio.gather(
-            *(run_session(runner, s, i, args.turns, args.reply_tokens, out) for i, s in enumerate(sessions))
-        )
+        await asyncio.gather(*(run_session(runner, s, i, args.turns, out) for i, s in enumerate(sessions)))
 
     start = time.perf_counter()
     asyncio.run(main())
@@ -140,7 +140,7 @@ def main() -> None:
     p.add_argument("--sessions", type=int, default=16)
     p.add_argument("--turns", type=int, default=10)
     p.add_argument("--system-tokens", type=int, default=2048)
-    p.add_argument("--reply-tokens", type=int, default=32)
+    p.add_argument("--reply-tokens", default="32", help="tokens per reply: N, or LOW-HIGH drawn per turn")
     p.add_argument("--max-model-len", type=int, default=8192)
     p.add_argument("--cache-gb", type=float, default=1.0)
     args = p.parse_args()
