@@ -250,6 +250,37 @@ def test_async_streaming_and_client_abort():
         engine.shutdown()
 
 
+def test_a_failing_step_fails_the_requests_in_flight_and_the_engine_goes_on():
+    """Whatever raises in the engine thread (a step, a command) fails the requests in flight with an error; the
+    thread lives on and serves the next request."""
+    engine = AsyncLLM(LLMEngine(tiny_model("tiny-m1"), max_model_len=64))
+    schedule = engine.engine.scheduler.schedule
+    broken = {"left": 1}
+
+    def fails_once():
+        if broken["left"]:
+            broken["left"] -= 1
+            raise RuntimeError("boom")
+        return schedule()
+
+    engine.engine.scheduler.schedule = fails_once
+
+    async def run(prompt):
+        return [out async for out in engine.generate(prompt, SamplingParams(max_tokens=3, ignore_eos=True))]
+
+    async def main():
+        with pytest.raises(RuntimeError, match="boom"):
+            await run([1, 2, 3])
+        return await run([4, 5, 6])
+
+    try:
+        outs = asyncio.run(main())
+        assert outs[-1].finished and len(outs[-1].token_ids) == 3
+        assert engine.alive
+    finally:
+        engine.shutdown()
+
+
 def test_public_api():
     assert mmx.LLM is LLM and mmx.SamplingParams is SamplingParams
 

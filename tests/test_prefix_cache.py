@@ -227,6 +227,31 @@ def test_new_weights_need_a_reset(preset):
     assert again.num_cached_tokens > 0 and again.token_ids == out.token_ids
 
 
+def test_metrics_figures_on_both_model_kinds(model):
+    """The figures a server's /metrics reads after every step (a full-attention model keeps no snapshots)."""
+    import asyncio
+
+    from mmx.engine import AsyncLLM
+
+    runner = AsyncLLM(_engine(model))
+
+    async def twice():
+        for _ in range(2):
+            async for _ in runner.generate(list(range(20, 60)), _greedy(3)):
+                pass
+
+    try:
+        asyncio.run(twice())
+    finally:
+        runner.shutdown()
+    stats = runner.stats
+    assert stats.prefix_cache_enabled and stats.prefix_cache_queried_tokens == 80
+    assert stats.prefix_cache_hit_tokens == 39  # all but the last token (M2: 10 whole blocks, the last copied)
+    assert (
+        (stats.prefix_cache_snapshots > 0) == (stats.prefix_cache_snapshot_bytes > 0) == runner.engine.cache.uses_slots
+    )
+
+
 def test_prefix_caching_off_keeps_nothing():
     model = tiny_model("tiny-m1")
     engine = _engine(model, caching=False)
@@ -274,7 +299,10 @@ def test_the_server_reports_cached_prompt_tokens(tiny_server):
     assert usage.cache_read_input_tokens > 0 and usage.input_tokens >= 1
     with claude.messages.stream(**ask, messages=[{"role": "user", "content": "Name a fruit."}]) as stream:
         streamed = stream.get_final_message().usage
-    assert (streamed.input_tokens, streamed.cache_read_input_tokens) == (usage.input_tokens, usage.cache_read_input_tokens)
+    assert (streamed.input_tokens, streamed.cache_read_input_tokens) == (
+        usage.input_tokens,
+        usage.cache_read_input_tokens,
+    )
 
     metrics = httpx.get(f"{tiny_server}/metrics").text
     values = dict(line.split() for line in metrics.splitlines() if line.startswith("mmx_prefix_cache"))
@@ -303,7 +331,7 @@ WEATHER = {
     "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}},
 }
 REPLY = (  # what the model wrote after the generation prompt "]~b]ai\n<think>\n", in the format's own layout
-    "The user wants the weather, so I call the tool.\n</think>\n\n<minimax:tool_call>\n<invoke name=\"get_weather\">\n"
+    'The user wants the weather, so I call the tool.\n</think>\n\n<minimax:tool_call>\n<invoke name="get_weather">\n'
     '<parameter name="city">Paris</parameter>\n</invoke>\n</minimax:tool_call>[e~['
 )
 REPLY_MESSAGE = {  # the same reply as the server returns it and an agent sends it back

@@ -146,30 +146,36 @@ class AsyncLLM:
 
     def _loop(self) -> None:
         while not self._stop:
-            self._handle_commands()
-            self.stats.running = len(self.engine.scheduler.running)
-            self.stats.waiting = len(self.engine.scheduler.waiting)
-            if not self.engine.has_unfinished_requests():
-                self._wake.wait(timeout=0.5)
-                self._wake.clear()
-                continue
             try:
-                outputs = self.engine.step()
-            except Exception as e:  # keep serving: fail the requests in flight, not the process
+                self._run_once()
+            except Exception as e:  # keep serving: fail the requests in flight, never end the engine thread
                 logger.exception("engine step failed; aborting the %d requests in flight", len(self.engine.requests))
                 for request_id in list(self.engine.requests):
-                    self.engine.abort_request(request_id)
+                    try:
+                        self.engine.abort_request(request_id)
+                    except Exception:
+                        logger.exception("could not abort request %s cleanly", request_id)
+                        self.engine.requests.pop(request_id, None)
                     self.stats.requests_failed += 1
                     self._deliver(request_id, RuntimeError(f"engine step failed: {e}"))
-                continue
-            self.stats.steps_total += 1
-            self.stats.running = len(self.engine.scheduler.running)
-            self.stats.waiting = len(self.engine.scheduler.waiting)
-            self._prefix_cache_stats()
-            for out in outputs:
-                self.stats.generation_tokens_total += sum(len(sample.new_token_ids) for sample in out.outputs)
-                if out.error is not None:
-                    self.stats.requests_failed += 1
-                    self._deliver(out.request_id, RequestFailed(f"the engine failed this request: {out.error}"))
-                else:
-                    self._deliver(out.request_id, out)
+
+    def _run_once(self) -> None:
+        self._handle_commands()
+        self.stats.running = len(self.engine.scheduler.running)
+        self.stats.waiting = len(self.engine.scheduler.waiting)
+        if not self.engine.has_unfinished_requests():
+            self._wake.wait(timeout=0.5)
+            self._wake.clear()
+            return
+        outputs = self.engine.step()
+        self.stats.steps_total += 1
+        self.stats.running = len(self.engine.scheduler.running)
+        self.stats.waiting = len(self.engine.scheduler.waiting)
+        self._prefix_cache_stats()
+        for out in outputs:
+            self.stats.generation_tokens_total += sum(len(sample.new_token_ids) for sample in out.outputs)
+            if out.error is not None:
+                self.stats.requests_failed += 1
+                self._deliver(out.request_id, RequestFailed(f"the engine failed this request: {out.error}"))
+            else:
+                self._deliver(out.request_id, out)

@@ -100,8 +100,10 @@ class PrefixCache:
     @property
     def snapshot_bytes(self) -> int:
         """Memory that the snapshots in use take."""
+        if not self.num_snapshots:  # none (a model without lightning layers): the pools have no rows to measure
+            return 0
         per_row = sum(t[0].nbytes for t in self.states.values()) + sum(2 * t[0].nbytes for t in self.tail_keys.values())
-        return len(self._snapshots) * per_row if self.num_snapshots else 0
+        return len(self._snapshots) * per_row
 
     @property
     def num_snapshots_held(self) -> int:
