@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import math
+import os
 
 import pytest
 import torch
@@ -293,3 +294,32 @@ def test_a_refused_prompt_leaves_nothing_of_the_call_in_the_engine():
     assert llm.engine.cache.num_free_slots == llm.engine.cache.layout.num_slots
     with pytest.raises(ValueError, match="tokenizer"):
         llm.generate("text needs a tokenizer", use_tqdm=False)
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads /proc")
+def test_default_cache_fits_the_engine_and_costs_memory_only_as_used():
+    """By default the cache holds what max_num_seqs sequences of max_model_len tokens can use (and a quarter more
+    for prefix-cache snapshots), and its pages are committed only when written: a 600 MB cache costs ~nothing."""
+    model = tiny_model("tiny-m1")
+
+    def run(engine):
+        engine.add_request("r", list(range(1, 40)), SamplingParams(max_tokens=3, ignore_eos=True))
+        while engine.has_unfinished_requests():
+            engine.step()
+
+    run(LLMEngine(model, max_model_len=64))  # torch's first-forward allocations, before measuring
+    before = _rss_mb()
+    engine = LLMEngine(model, max_model_len=65536, max_num_seqs=64, block_size=16)
+    grown = _rss_mb() - before
+    layout, config = engine.cache.layout, model.config
+    assert layout.num_slots == 64 and layout.num_blocks == 64 * 65536 // 16
+    assert layout.num_snapshots > 0
+    reserved = layout.num_blocks * CacheLayout.bytes_per_block(config, 16, model.dtype) / 2**20
+    assert reserved > 500 and grown < 50, (reserved, grown)
+    run(engine)
+    assert _rss_mb() - before < 50

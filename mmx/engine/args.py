@@ -19,7 +19,9 @@ class EngineArgs:
     max_num_seqs: int = 64  # sequences decoded together (each holds one lightning-state slot)
     max_num_batched_tokens: int = 2048  # tokens per forward, prefill chunks included
     block_size: int = 16  # tokens per KV block
-    cache_memory_gb: float | None = None  # KV blocks + state slots; None: 20% of RAM (at most 8 GB)
+    # KV blocks + state slots (+ snapshots); None: what max_num_seqs x max_model_len can use, at most 20% of RAM and
+    # 8 GB on the CPU (committed as used), 80% of free memory on a GPU
+    cache_memory_gb: float | None = None
     enable_chunked_prefill: bool = True
     # reuse the cache of earlier requests' prefixes (KV blocks, lightning-state snapshots); exact, on by default
     enable_prefix_caching: bool = True

@@ -23,6 +23,7 @@ import torch
 
 from mmx.config import MiniMaxConfig
 from mmx.engine.sequence import Sequence
+from mmx.utils.memory import lazy_zeros
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,14 @@ class CacheLayout:
     def bytes_per_slot(config: MiniMaxConfig) -> int:
         lightning_layers = sum(config.is_lightning(i) for i in range(config.num_hidden_layers))
         return lightning_layers * config.num_attention_heads * config.head_dim * config.head_dim * 4
+
+    @classmethod
+    def bytes_for(
+        cls, config: MiniMaxConfig, dtype: torch.dtype, max_num_seqs: int, max_model_len: int, block_size: int
+    ) -> int:
+        """What ``max_num_seqs`` sequences of ``max_model_len`` tokens can use at most: their blocks and slots."""
+        blocks = math.ceil(max_model_len / block_size) * cls.bytes_per_block(config, block_size, dtype)
+        return max_num_seqs * (blocks + cls.bytes_per_slot(config))
 
     @classmethod
     def bytes_per_snapshot(cls, config: MiniMaxConfig, block_size: int, dtype: torch.dtype) -> int:
@@ -102,11 +111,12 @@ class HybridCache:
         self.values: dict[int, torch.Tensor] = {}
         self.states: dict[int, torch.Tensor] = {}
         for i in range(config.num_hidden_layers):
+            # resident only as far as used: the pools are sized for max_num_seqs sequences of max_model_len tokens
             if config.is_lightning(i):
-                self.states[i] = torch.zeros(layout.num_slots, h, d, d, dtype=torch.float32, device=device)
+                self.states[i] = lazy_zeros((layout.num_slots, h, d, d), torch.float32, device)
             else:
-                self.keys[i] = torch.zeros(layout.num_blocks, self.block_size, g, d, dtype=dtype, device=device)
-                self.values[i] = torch.zeros_like(self.keys[i])
+                self.keys[i] = lazy_zeros((layout.num_blocks, self.block_size, g, d), dtype, device)
+                self.values[i] = lazy_zeros((layout.num_blocks, self.block_size, g, d), dtype, device)
         self.uses_blocks = bool(self.keys)
         self.uses_slots = bool(self.states)
         # Free blocks: a set, plus a min-heap (with stale entries) to hand out the lowest free id. A growing

@@ -42,7 +42,9 @@ class RequestFailed(RuntimeError):
     """The engine could not go on with one request (its numbers went bad); the others in the batch went on."""
 
 
-def _default_cache_bytes(device: torch.device) -> int:
+def _default_cache_bytes(device: torch.device, needed: int) -> int:
+    """On a GPU, 80% of its free memory (as vLLM takes it). On the CPU, what the engine's sequences can use at most
+    (``needed``), and no more than 20% of RAM or 8 GB; the pools are committed page by page as they are used."""
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         return int(free * 0.8)
@@ -50,7 +52,7 @@ def _default_cache_bytes(device: torch.device) -> int:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError):
         total = 8 << 30
-    return int(min(total * 0.2, 8 << 30))
+    return int(min(needed, total * 0.2, 8 << 30))
 
 
 class _Request:
@@ -120,10 +122,18 @@ class LLMEngine:
         self.config = model.config
         self.device = model.device
         self.max_model_len = args.max_model_len or min(self.config.max_position_embeddings, 32768)
-        budget = int(args.cache_memory_gb * (1 << 30)) if args.cache_memory_gb else _default_cache_bytes(self.device)
         snapshot_bytes = 0
         if args.enable_prefix_caching:
             snapshot_bytes = None if args.snapshot_memory_gb is None else int(args.snapshot_memory_gb * (1 << 30))
+        if args.cache_memory_gb:
+            budget = int(args.cache_memory_gb * (1 << 30))
+        else:
+            needed = CacheLayout.bytes_for(
+                self.config, model.dtype, args.max_num_seqs, self.max_model_len, args.block_size
+            )
+            if snapshot_bytes is None and CacheLayout.bytes_per_slot(self.config):
+                needed = needed * 4 // 3  # the snapshots' quarter comes out of the budget
+            budget = _default_cache_bytes(self.device, needed)
         layout = CacheLayout.plan(
             self.config, model.dtype, budget, args.max_num_seqs, self.max_model_len, args.block_size, snapshot_bytes
         )

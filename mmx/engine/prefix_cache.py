@@ -34,10 +34,9 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-import torch
-
 from mmx.engine.cache import HybridCache
 from mmx.engine.sequence import Sequence
+from mmx.utils.memory import lazy_zeros
 
 ROOT = 0  # chain id "before the first block"
 
@@ -82,15 +81,11 @@ class PrefixCache:
         layout = cache.layout
         self.num_snapshots = layout.num_snapshots if cache.uses_slots else 0
         s, bs = self.num_snapshots, self.block_size
-        self.states = {
-            i: torch.empty((s, *pool.shape[1:]), dtype=pool.dtype, device=pool.device)
-            for i, pool in cache.states.items()
-        }
+        self.states = {i: lazy_zeros((s, *pool.shape[1:]), pool.dtype, pool.device) for i, pool in cache.states.items()}
         self.tail_keys = {
-            i: torch.empty((s, bs, *pool.shape[2:]), dtype=pool.dtype, device=pool.device)
-            for i, pool in cache.keys.items()
+            i: lazy_zeros((s, bs, *pool.shape[2:]), pool.dtype, pool.device) for i, pool in cache.keys.items()
         }
-        self.tail_values = {i: torch.empty_like(t) for i, t in self.tail_keys.items()}
+        self.tail_values = {i: lazy_zeros(tuple(t.shape), t.dtype, t.device) for i, t in self.tail_keys.items()}
         self._free_rows = list(range(s - 1, -1, -1))
         self._snapshots: OrderedDict[BlockKey, int] = OrderedDict()  # key -> row, least recently used first
         self._by_parent: dict[int, dict[tuple[int, ...], int]] = {}  # chain id -> {tail tokens: row}

@@ -10,7 +10,13 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import math
+import mmap
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch is imported where used: the CLI tunes the allocator before torch loads
+    import torch
 
 _M_TRIM_THRESHOLD = -1
 _M_TOP_PAD = -2
@@ -33,3 +39,15 @@ def tune_allocator(threshold_bytes: int = 1 << 30) -> bool:
         return False
     _applied = bool(ok)
     return _applied
+
+
+def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Zeros that cost memory only where written. On the CPU the tensor lives in an anonymous mapping, whose pages
+    the OS commits one by one as they are first written, so a cache sized for the worst case is resident only as far
+    as it is used (``torch.zeros`` would write, and so commit, all of it at once). Elsewhere: ``torch.zeros``."""
+    import torch
+
+    nbytes = math.prod(shape) * dtype.itemsize
+    if torch.device(device).type != "cpu" or nbytes == 0:
+        return torch.zeros(shape, dtype=dtype, device=device)
+    return torch.frombuffer(mmap.mmap(-1, nbytes), dtype=dtype).view(shape)  # the tensor keeps the mapping alive
