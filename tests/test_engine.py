@@ -323,3 +323,38 @@ def test_default_cache_fits_the_engine_and_costs_memory_only_as_used():
     assert reserved > 500 and grown < 50, (reserved, grown)
     run(engine)
     assert _rss_mb() - before < 50
+
+
+@pytest.mark.parametrize("preset", ["tiny-m1", "tiny-m2"])
+@pytest.mark.parametrize("kv_dtype", ["bfloat16", "float16"])
+def test_kv_cache_dtype(preset, kv_dtype):
+    """Half-precision K/V: half the block memory, log-probs close to float32 K/V, and prefix caching still exact
+    (attention always reads the stored, rounded K/V, also for the tokens of the same forward)."""
+    model = tiny_model(preset)
+    prompts = [list(range(3, 70)), list(range(3, 40)) + list(range(200, 260))]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=0)
+
+    def run(**kw):
+        engine = LLMEngine(model, max_model_len=256, max_num_batched_tokens=32, cache_memory_gb=0.01, **kw)
+        outs = []
+        for i, prompt in enumerate(prompts * 2):  # the repeats read the prefix cache (when on)
+            engine.add_request(f"r{i}", prompt, params)
+            while engine.has_unfinished_requests():
+                outs += [o for o in engine.step() if o.finished]
+        return engine, outs
+
+    _, full = run()
+    half_engine, half = run(kv_cache_dtype=kv_dtype)
+    _, uncached = run(kv_cache_dtype=kv_dtype, enable_prefix_caching=False)
+    assert half_engine.cache.keys[next(iter(half_engine.cache.keys))].dtype == getattr(torch, kv_dtype)
+    per_block = CacheLayout.bytes_per_block(model.config, 16, torch.float32)
+    assert CacheLayout.bytes_per_block(model.config, 16, getattr(torch, kv_dtype)) * 2 == per_block
+    assert [o.token_ids for o in half] == [o.token_ids for o in uncached]  # caching stays exact
+    assert half[2].outputs[0].logprobs and half[2].num_cached_tokens > 0
+    same = [(a, b) for a, b in zip(full, half) if a.token_ids == b.token_ids]
+    assert same  # (a greedy tie may part them; the log-probs of the ones that agree are compared)
+    for a, b in same:
+        diffs = [abs(x.logprob - y.logprob) for x, y in zip(a.outputs[0].logprobs, b.outputs[0].logprobs)]
+        assert max(diffs) < 0.05, diffs
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        LLMEngine(model, kv_cache_dtype="fp8")

@@ -7,6 +7,8 @@ from typing import Any
 
 # Weight quantisation schemes (mmx.model.quantization implements them); here so that the CLI lists them without torch.
 QUANTIZATION_METHODS = ("int8",)
+# K/V cache element types: "auto" is the model's dtype
+KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -19,6 +21,8 @@ class EngineArgs:
     max_num_seqs: int = 64  # sequences decoded together (each holds one lightning-state slot)
     max_num_batched_tokens: int = 2048  # tokens per forward, prefill chunks included
     block_size: int = 16  # tokens per KV block
+    # the softmax layers' stored K/V (lightning states stay float32); lower precision halves the KV memory
+    kv_cache_dtype: str = field(default="auto", metadata={"choices": KV_CACHE_DTYPES})
     # KV blocks + state slots (+ snapshots); None: what max_num_seqs x max_model_len can use, at most 20% of RAM and
     # 8 GB on the CPU (committed as used), 80% of free memory on a GPU
     cache_memory_gb: float | None = None
@@ -33,6 +37,8 @@ class EngineArgs:
     quantization: str | None = field(default=None, metadata={"choices": QUANTIZATION_METHODS})
 
     def __post_init__(self) -> None:
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}; got {self.kv_cache_dtype!r}")
         if self.snapshot_interval is not None and self.snapshot_interval < 1:
             raise ValueError(f"snapshot_interval must be a positive number of tokens; got {self.snapshot_interval}")
         if self.snapshot_memory_gb is not None and self.snapshot_memory_gb < 0:

@@ -122,6 +122,7 @@ class LLMEngine:
         self.config = model.config
         self.device = model.device
         self.max_model_len = args.max_model_len or min(self.config.max_position_embeddings, 32768)
+        kv_dtype = model.dtype if args.kv_cache_dtype == "auto" else getattr(torch, args.kv_cache_dtype)
         snapshot_bytes = 0
         if args.enable_prefix_caching:
             snapshot_bytes = None if args.snapshot_memory_gb is None else int(args.snapshot_memory_gb * (1 << 30))
@@ -129,15 +130,15 @@ class LLMEngine:
             budget = int(args.cache_memory_gb * (1 << 30))
         else:
             needed = CacheLayout.bytes_for(
-                self.config, model.dtype, args.max_num_seqs, self.max_model_len, args.block_size
+                self.config, kv_dtype, args.max_num_seqs, self.max_model_len, args.block_size
             )
             if snapshot_bytes is None and CacheLayout.bytes_per_slot(self.config):
                 needed = needed * 4 // 3  # the snapshots' quarter comes out of the budget
             budget = _default_cache_bytes(self.device, needed)
         layout = CacheLayout.plan(
-            self.config, model.dtype, budget, args.max_num_seqs, self.max_model_len, args.block_size, snapshot_bytes
+            self.config, kv_dtype, budget, args.max_num_seqs, self.max_model_len, args.block_size, snapshot_bytes
         )
-        self.cache = HybridCache(self.config, layout, model.dtype, self.device)
+        self.cache = HybridCache(self.config, layout, kv_dtype, self.device)
         self.eos_token_ids = sorted({*self.config.eos_token_ids, *eos_token_ids})
         # the chat formats end every message with their EOS token: where a later turn may depart from this one
         self.prefix_cache = (

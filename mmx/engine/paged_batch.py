@@ -116,21 +116,26 @@ class PagedBatch:
         keys = self.cache.keys[layer_idx].view(-1, g, d)
         values = self.cache.values[layer_idx].view(-1, g, d)
         new_k, new_v = k[0].transpose(0, 1), v[0].transpose(0, 1)  # [N, G, D]
-        keys.index_copy_(0, self.slot_mapping, new_k)
-        values.index_copy_(0, self.slot_mapping, new_v)
+        keys.index_copy_(0, self.slot_mapping, new_k.to(keys.dtype))
+        values.index_copy_(0, self.slot_mapping, new_v.to(values.dtype))
+        cast = keys.dtype != q.dtype  # kv_cache_dtype: attention reads the stored (rounded) K/V, in q's dtype
+
+        def read(t: torch.Tensor) -> torch.Tensor:
+            return t.to(q.dtype) if cast else t
+
         gqa = q.shape[1] != g
         outs = []
         if self.n_decode:
             out = q.new_empty(q.shape[1], self.n_decode, d)
             if self.decode_rows:
-                ks = keys[self.decode_gather].permute(0, 2, 1, 3)  # [n, G, L, D]
-                vs = values[self.decode_gather].permute(0, 2, 1, 3)
+                ks = read(keys[self.decode_gather]).permute(0, 2, 1, 3)  # [n, G, L, D]
+                vs = read(values[self.decode_gather]).permute(0, 2, 1, 3)
                 qs = q[0, :, self.decode_rows_tensor].transpose(0, 1)[:, :, None]  # [n, H, 1, D]
                 mask = self.decode_mask[:, None, None, :]
                 o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=gqa)
                 out[:, self.decode_rows_tensor] = o[:, :, 0].transpose(0, 1)
             for i, seq, context in self.decode_views:
-                ks, vs = self.cache.history(layer_idx, seq, context)
+                ks, vs = map(read, self.cache.history(layer_idx, seq, context))
                 qs = q[:, :, i : i + 1]
                 o = F.scaled_dot_product_attention(
                     qs, ks.permute(1, 0, 2)[None], vs.permute(1, 0, 2)[None], scale=scale, enable_gqa=gqa
@@ -139,13 +144,15 @@ class PagedBatch:
             outs.append(out)
         for (offset, start, n), past in zip(self.prefill_spans, self.prefill_past):
             qs = q[:, :, offset : offset + n]
-            if past is None:  # a fresh sequence: its keys are exactly the new ones
-                ks, vs = k[:, :, offset : offset + n], v[:, :, offset : offset + n]
+            if past is None:  # a fresh sequence: its keys are the new ones (as stored, so that a cached prefix is
+                ks, vs = k[:, :, offset : offset + n], v[:, :, offset : offset + n]  # read back the same)
+                if cast:
+                    ks, vs = ks.to(keys.dtype).to(q.dtype), vs.to(values.dtype).to(q.dtype)
             elif isinstance(past, tuple):  # a contiguous history: views
-                hk, hv = self.cache.history(layer_idx, *past)
+                hk, hv = map(read, self.cache.history(layer_idx, *past))
                 ks, vs = hk.permute(1, 0, 2)[None], hv.permute(1, 0, 2)[None]
             else:
-                ks, vs = keys[past].permute(1, 0, 2)[None], values[past].permute(1, 0, 2)[None]
+                ks, vs = read(keys[past]).permute(1, 0, 2)[None], read(values[past]).permute(1, 0, 2)[None]
             outs.append(causal_softmax(qs, ks, vs, scale, q_offset=start)[0])
         return torch.cat(outs, dim=1)[None]
 
