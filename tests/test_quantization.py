@@ -88,6 +88,14 @@ def test_every_decoder_linear_holds_int8_and_the_rest_is_untouched(preset):
             assert kept[name].dtype == torch.float32 and torch.equal(kept[name], param), name
     assert report.bytes_after < report.bytes_before / 3.5  # int8 + one scale per row, from float32
     assert quantize_model(quantised, "int8").layers == 0  # a second call finds nothing left to do
+    assert quantised.parameter_counts() == model.parameter_counts()  # int8 weights are still the parameters
+
+
+def test_a_quantised_model_is_not_saved_as_a_checkpoint(tmp_path):
+    _, quantised, _ = _quantised_tiny("tiny-m1")
+    with pytest.raises(ValueError, match="save the model before quantising"):
+        quantised.save_pretrained(tmp_path / "int8")
+    assert not (tmp_path / "int8").exists()
 
 
 @pytest.mark.parametrize("preset", ["tiny-m1", "tiny-m2"])

@@ -194,4 +194,11 @@ class MiniMaxForCausalLM(nn.Module):
     def save_pretrained(
         self, path: str | os.PathLike, dialect: str | None = None, max_shard_size: int | str = "5GB"
     ) -> None:
+        from mmx.model.quantization import is_quantized
+
+        if is_quantized(self):
+            raise ValueError(
+                "this model's decoder weights are int8 in memory (quantization='int8'), and checkpoints hold the "
+                "weights in full precision: save the model before quantising it (the engine quantises at load time)"
+            )
         save_model(self, path, dialect=dialect, max_shard_size=max_shard_size)

@@ -26,6 +26,10 @@ def parameter_counts(model: nn.Module) -> dict[str, int]:
     for name, buf in model.named_buffers():
         if name.endswith("e_score_correction_bias"):
             total += buf.numel()
+        elif name.endswith("qweight"):  # an int8-quantised weight (mmx.model.quantization): still the parameters
+            total += buf.numel()
+            if ".mlp.experts." in name:
+                experts += buf.numel()
     share = config.num_experts_per_tok / config.num_local_experts
     idle_experts = experts - round(experts * share)
     active = total - embedding - idle_experts

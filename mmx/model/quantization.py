@@ -113,6 +113,10 @@ class Int8Experts(nn.Module):
         return combine_per_expert(x, ids, weights, self.num_experts, self.expert_ffn)
 
 
+def is_quantized(model: nn.Module) -> bool:
+    return any(isinstance(m, Int8Linear | Int8Experts) for m in model.modules())
+
+
 @dataclass(frozen=True)
 class QuantizationReport:
     layers: int  # linear layers and expert blocks replaced by this call
