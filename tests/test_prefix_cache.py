@@ -360,3 +360,61 @@ def test_m2_template_re_renders_the_models_turn_to_the_same_tokens(tiny_tokenize
     end = tok.eos_token_id  # "[e~[": every message ends with it
     last_end = max(i for i, t in enumerate(prompt) if t == end) + 1
     assert last_end <= common < len(prompt)  # it parts inside the generation prompt, after the user's message end
+
+
+# ---------------------------------------------------------------------------------------------------- random traffic
+@pytest.mark.parametrize("seed", [0, 1])
+def test_random_traffic_with_shared_prefixes_aborts_and_a_tight_cache(model, seed):
+    """Requests built from a few shared stems (some the exact prompt of an earlier request, some its prompt and
+    reply), arriving over time, some aborted midway, n up to 3, in a cache small enough to evict and preempt: every
+    completed output equals full-recompute greedy, and the cache's books balance at the end."""
+    gen = torch.Generator().manual_seed(100 + seed)
+    engine = _engine(
+        model,
+        max_num_seqs=4,
+        max_num_batched_tokens=24,
+        max_model_len=96,
+        cache_memory_gb=_budget(model, blocks=26, slots=4),
+        snapshot_memory_gb=CacheLayout.bytes_per_snapshot(model.config, BLOCK, model.dtype) * 6 / (1 << 30),
+    )
+    stems = [[*_tokens(gen, int(torch.randint(3, 20, (1,), generator=gen))), END] for _ in range(3)]
+    finished: dict[str, tuple[list[int], list[list[int]]]] = {}
+    prompts: dict[str, list[int]] = {}
+    aborted, step = set(), 0
+    for i in range(24):
+        kind = int(torch.randint(0, 3, (1,), generator=gen))
+        done = list(finished.values())
+        if kind == 0 or not done:
+            prompt = stems[i % 3] + _tokens(gen, int(torch.randint(1, 25, (1,), generator=gen)))
+        elif kind == 1:
+            prompt = list(done[int(torch.randint(0, len(done), (1,), generator=gen))][0])  # an exact repeat
+        else:
+            earlier, outs = done[int(torch.randint(0, len(done), (1,), generator=gen))]
+            prompt = earlier + outs[0] + [END] + _tokens(gen, 4)  # the next turn
+        prompt = prompt[:80]
+        n = 1 + int(torch.randint(0, 3, (1,), generator=gen))
+        rid = f"r{i}"
+        prompts[rid] = prompt
+        engine.add_request(rid, prompt, SamplingParams(n=n, temperature=0, max_tokens=6, ignore_eos=True))
+        for _ in range(int(torch.randint(0, 4, (1,), generator=gen))):
+            for out in engine.step():
+                if out.finished:
+                    finished[out.request_id] = (prompts[out.request_id], [s.token_ids for s in out.outputs])
+            step += 1
+        if i % 7 == 3 and rid in engine.requests:
+            engine.abort_request(rid)
+            aborted.add(rid)
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                finished[out.request_id] = (prompts[out.request_id], [s.token_ids for s in out.outputs])
+    for rid, (prompt, outs) in finished.items():
+        if rid in aborted:
+            continue
+        want = _expected(model, prompt)
+        assert all(o == want for o in outs), (rid, len(prompt))
+    assert len(finished) >= 18 and engine.prefix_cache.stats.hit_tokens > 0
+    assert engine.scheduler.num_preemptions > 0
+    cache = engine.cache
+    assert cache.num_free_blocks == cache.layout.num_blocks and cache.num_free_slots == cache.layout.num_slots
+    assert all(users == 0 for users in cache._users)
