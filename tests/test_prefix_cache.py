@@ -157,21 +157,20 @@ def _budget(model, blocks: int, slots: int) -> float:
     return nbytes / (1 << 30)
 
 
+def _tight_engine(model, snapshots: int, **overrides) -> LLMEngine:
+    """4 sequences over 26 blocks (about one sequence of max_model_len): eviction and preemption are certain."""
+    snapshot_gb = CacheLayout.bytes_per_snapshot(model.config, BLOCK, model.dtype) * snapshots / (1 << 30)
+    budget = _budget(model, blocks=26, slots=4)
+    return _engine(model, max_num_seqs=4, cache_memory_gb=budget, snapshot_memory_gb=snapshot_gb, **overrides)
+
+
 def test_eviction_under_a_small_budget_and_preemption(model):
     """A cache of a few sequences' worth of blocks and two snapshots: cached prefixes are evicted, sequences are
     preempted and resumed, and every output is still exact; revisiting evicted prompts recomputes them."""
     gen = torch.Generator().manual_seed(6)
     system = [*_tokens(gen, 11), END]
     prompts = [system + _tokens(gen, int(torch.randint(4, 30, (1,), generator=gen))) for _ in range(12)]
-    snapshot = CacheLayout.bytes_per_snapshot(model.config, BLOCK, model.dtype) * 2 / (1 << 30)
-    engine = _engine(
-        model,
-        max_num_seqs=4,
-        max_num_batched_tokens=16,
-        max_model_len=64,
-        cache_memory_gb=_budget(model, blocks=26, slots=4),
-        snapshot_memory_gb=snapshot,
-    )
+    engine = _tight_engine(model, snapshots=2, max_num_batched_tokens=16, max_model_len=64)
     outs = _run(engine, prompts, max_tokens=12) + _run(engine, prompts[:4], max_tokens=12)
     for prompt, out in zip(prompts + prompts[:4], outs):
         assert out.token_ids == _expected(model, prompt, 12)
@@ -369,14 +368,7 @@ def test_random_traffic_with_shared_prefixes_aborts_and_a_tight_cache(model, see
     reply), arriving over time, some aborted midway, n up to 3, in a cache small enough to evict and preempt: every
     completed output equals full-recompute greedy, and the cache's books balance at the end."""
     gen = torch.Generator().manual_seed(100 + seed)
-    engine = _engine(
-        model,
-        max_num_seqs=4,
-        max_num_batched_tokens=24,
-        max_model_len=96,
-        cache_memory_gb=_budget(model, blocks=26, slots=4),
-        snapshot_memory_gb=CacheLayout.bytes_per_snapshot(model.config, BLOCK, model.dtype) * 6 / (1 << 30),
-    )
+    engine = _tight_engine(model, snapshots=6, max_num_batched_tokens=24, max_model_len=96)
     stems = [[*_tokens(gen, int(torch.randint(3, 20, (1,), generator=gen))), END] for _ in range(3)]
     finished: dict[str, tuple[list[int], list[list[int]]]] = {}
     prompts: dict[str, list[int]] = {}
