@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import random
+import statistics
 import threading
 import time
 
@@ -320,7 +321,9 @@ def test_a_5_mb_tokenize_keeps_health_fast(keyed_server, local_tokenizer):
     assert body["count"] == len(body["tokens"]) > 1_000_000
     assert local_tokenizer.decode(body["tokens"], skip_special_tokens=False) == text
     assert len(latencies) > 20, "the tokenize finished before /health was probed much"
-    assert max(latencies) < 0.2, f"/health took {max(latencies):.3f} s while a 5 MB /tokenize ran"
+    # a blocked event loop would hold /health for the whole tokenisation (seconds); a busy machine adds a spike
+    assert max(latencies) < 1.0, f"/health took {max(latencies):.3f} s while a 5 MB /tokenize ran"
+    assert statistics.median(latencies) < 0.1, f"/health took {statistics.median(latencies):.3f} s (median)"
 
 
 # ---------------------------------------------------------------------------------------------------- OpenAPI
