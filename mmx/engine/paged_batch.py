@@ -101,6 +101,7 @@ class PagedBatch:
                 grouped.setdefault(i, []).append((offset, row))
             self.captures = [(i, [o for o, _ in c], [r for _, r in c]) for i, c in sorted(grouped.items())]
             self.prefill_bounds = cu
+            self.prefill_resumes = [seq.num_computed_tokens > 0 for seq, _ in prefill]  # host-side, no sync
 
     # ------------------------------------------------------------------ AttentionCache protocol
     def positions(self, batch: int, seq_len: int, device: torch.device) -> torch.Tensor:
@@ -187,6 +188,6 @@ class PagedBatch:
         bounds = self.prefill_bounds
         for i, offsets, rows in self.captures:
             seq_start, seq_end = bounds[i], bounds[i + 1]
-            initial = pool[self.prefill_slots[i]] if self.prefill_has_state[i] else None
+            initial = pool[self.prefill_slots[i]] if self.prefill_resumes[i] else None
             states = lightning_prefix_states(k[seq_start:seq_end], v[seq_start:seq_end], rates, initial, offsets)
             self.snapshot_states[layer_idx][rows] = states.to(pool.dtype)

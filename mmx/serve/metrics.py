@@ -102,34 +102,12 @@ class Metrics:
             "mmx_engine_requests_aborted_total", "counter", "requests aborted (client gone)", [("", s.requests_aborted)]
         )
         if s.prefix_cache_enabled:
-            metric(
-                "mmx_prefix_cache_queries_total",
-                "counter",
-                "prompt tokens looked up in the prefix cache",
-                [("", s.prefix_cache_queried_tokens)],
-            )
-            metric(
-                "mmx_prefix_cache_hits_total",
-                "counter",
-                "prompt tokens whose cache was reused",
-                [("", s.prefix_cache_hit_tokens)],
-            )
-            metric(
-                "mmx_prefix_cache_cached_blocks",
-                "gauge",
-                "unused KV blocks kept for their contents",
-                [("", s.prefix_cache_cached_blocks)],
-            )
-            metric(
-                "mmx_prefix_cache_snapshots",
-                "gauge",
-                "lightning-state snapshots held",
-                [("", s.prefix_cache_snapshots)],
-            )
-            metric(
-                "mmx_prefix_cache_snapshot_bytes",
-                "gauge",
-                "memory of the lightning-state snapshots held",
-                [("", s.prefix_cache_snapshot_bytes)],
-            )
+            for name, kind, help_text, value in (
+                ("queries_total", "counter", "prompt tokens looked up", s.prefix_cache_queried_tokens),
+                ("hits_total", "counter", "prompt tokens whose cache was reused", s.prefix_cache_hit_tokens),
+                ("cached_blocks", "gauge", "unused KV blocks kept for their contents", s.prefix_cache_cached_blocks),
+                ("snapshots", "gauge", "lightning-state snapshots held", s.prefix_cache_snapshots),
+                ("snapshot_bytes", "gauge", "memory of the snapshots held", s.prefix_cache_snapshot_bytes),
+            ):
+                metric(f"mmx_prefix_cache_{name}", kind, help_text, [("", value)])
         return "\n".join(lines) + "\n"
