@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install sandbox test test-all lint demo clean
+.PHONY: install sandbox toolchain test test-all lint demo clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test,hub]'
 	touch $(STAMP)
 
-install: $(STAMP) sandbox
+install: $(STAMP) sandbox toolchain
 
 # bubblewrap confines model-written code (code rewards, the agent's tools); without it mmx refuses to run such code
 sandbox:
@@ -25,12 +25,23 @@ sandbox:
 		echo "Install it with: sudo apt-get install bubblewrap (Debian/Ubuntu) or sudo dnf install bubblewrap (Fedora)"; \
 	fi
 
-test: $(STAMP) sandbox
+# the compiled decode step (torch.compile / inductor) builds C++ with g++ against Python's headers; without them mmx
+# decodes eagerly
+toolchain:
+	@if command -v g++ >/dev/null 2>&1 && [ -f "$$($(PYTHON) -c 'import sysconfig; print(sysconfig.get_paths()["include"])')/Python.h" ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		apt-get install -y g++ python3-dev || { apt-get update && apt-get install -y g++ python3-dev; }; \
+	else \
+		echo "g++ or Python's headers are missing: mmx will decode eagerly (slower)."; \
+		echo "Install them with: sudo apt-get install g++ python3-dev (Debian/Ubuntu) or sudo dnf install gcc-c++ python3-devel (Fedora)"; \
+	fi
+
+test: $(STAMP) sandbox toolchain
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 # the slow tests too; lm-evaluation-harness (the `eval` extra, large) is installed for them here only
-test-all: $(STAMP) sandbox
+test-all: $(STAMP) sandbox toolchain
 	$(BIN)/pip install --quiet -e '.[test,hub,eval]'
 	$(BIN)/python -m pytest -q -m "not gpu"
 

@@ -373,7 +373,12 @@ class Bench:
         max_len = max(prompt + timed + 16 for _, prompt, timed, _ in tests)
         llm = load_mmx(self.checkpoints[name][0], kind, max_len, self.extra, self.results)
         gguf = self.gguf(name, kind)
-        if llm is not None:  # warm-up: the first steps of a fresh engine are slower
+        if llm is not None:  # warm-up: the decode graphs, and the first steps of a fresh engine are slower
+            llm.engine.warm_up()
+            graph = llm.engine.decode_graph
+            if graph is not None:
+                state = f"failed ({graph.failed})" if graph.failed else f"ready in {graph.compile_seconds:.0f} s"
+                self.results.note(f"{name} {kind}: mmx decode graphs {state}")
             mmx_decode(llm, random_prompt(16, vocab, 99), 8)
         seeds = iter(range(1_000_000))
 

@@ -11,6 +11,9 @@ import torch
 # Without a GPU, Triton kernels run in Triton's interpreter (on CPU tensors), so CI still checks them.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Engines run eagerly unless a test asks for the compiled decode graph (compiling takes 10-30 s per model); run
+# the suite with MMX_ENFORCE_EAGER=0 to compile everywhere.
+os.environ.setdefault("MMX_ENFORCE_EAGER", "1")
 
 from mmx import MiniMaxConfig, MiniMaxForCausalLM
 
@@ -48,6 +51,19 @@ def assert_logits_close(actual: torch.Tensor, expected: torch.Tensor, rel: float
     scale = expected.abs().max().item()
     err = (actual.double() - expected.double()).abs().max().item()
     assert err <= rel * scale, f"max |diff| {err:.3e} exceeds {rel:g} x logit scale {scale:.3e}"
+
+
+# Text prompts for mmx-tiny (a trained model, so greedy choices are rarely near-ties).
+MMX_TINY_PROMPTS = [
+    "The quick brown fox jumps over the lazy dog and then",
+    "def fibonacci(n):\n    if n < 2:\n        return n\n",
+    "Question: what is 12 * 7? Answer:",
+    "Once upon a time, there was a little",
+    "Nora has 3 cards. She buys 8 more. How many cards",
+    "Sam had 15 shells and gave away 4.",
+    "The weather in Paris is",
+    "Let me check the calculator: 12 * 7 = 84.",
+]
 
 
 CORPUS = [

@@ -27,7 +27,7 @@ from mmx.model.quantization import (
 )
 from mmx.model.weights import load_model
 
-from .conftest import tiny_model
+from .conftest import MMX_TINY_PROMPTS, tiny_model
 
 needs_mmx_tiny = pytest.mark.skipif(embedded_model_path() is None, reason="the embedded mmx-tiny model is absent")
 
@@ -123,16 +123,7 @@ def test_mmx_tiny_logits_and_greedy_text_stay_close_to_float32():
     reference = load_model(path)
     quantised = load_model(path, quantization="int8")
     assert isinstance(quantised.model.layers[0].mlp.experts, Int8Experts)
-    prompts = [
-        "The quick brown fox jumps over the lazy dog and then",
-        "def fibonacci(n):\n    if n < 2:\n        return n\n",
-        "Question: what is 12 * 7? Answer:",
-        "Once upon a time, there was a little",
-        "Nora has 3 cards. She buys 8 more. How many cards",
-        "Sam had 15 shells and gave away 4.",
-        "The weather in Paris is",
-        "Let me check the calculator: 12 * 7 = 84.",
-    ]
+    prompts = MMX_TINY_PROMPTS
     agree = total = identical = 0
     medians = []
     for text in prompts:

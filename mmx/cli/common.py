@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from dataclasses import fields
+from dataclasses import MISSING, fields
 
 # resolve_model lives in mmx.embedded, where the RL trainer (which must not import the CLI) gets it too; the
 # subcommands import it from here.
@@ -27,10 +27,11 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
     for f in fields(EngineArgs):
         flag = "--" + f.name.replace("_", "-")
         kind = _flag_type(f.type)
+        default = f.default_factory() if f.default is MISSING else f.default
         if kind is bool:
-            g.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default)
+            g.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
         else:
-            g.add_argument(flag, type=kind, default=f.default, choices=f.metadata.get("choices"))
+            g.add_argument(flag, type=kind, default=default, choices=f.metadata.get("choices"))
 
 
 def engine_kwargs(ns: argparse.Namespace) -> dict:

@@ -56,6 +56,9 @@ def run(args: argparse.Namespace) -> int:
     if tokenizer is None:
         raise FileNotFoundError(f"{path} has no tokenizer.json; the server needs one")
     chat = chat_for(tokenizer, engine.config.architecture, args.chat_template)
+    if engine.decode_graph is not None:
+        print("mmx: compiling the decode step (cached for later runs; --enforce-eager skips it)", flush=True)
+        engine.warm_up()
     state = ServerState(
         engine=AsyncLLM(engine),
         tokenizer=tokenizer,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -31,6 +32,9 @@ class EngineArgs:
     enable_prefix_caching: bool = True
     snapshot_memory_gb: float | None = None  # lightning-state snapshots; None: a quarter of the cache budget
     snapshot_interval: int | None = None  # also keep the states every this many prompt tokens (long prompts)
+    # run every step eagerly; otherwise decode-only steps run as compiled graphs (torch.compile, inductor).
+    # Default: $MMX_ENFORCE_EAGER (1 for eager), else compiled
+    enforce_eager: bool = field(default_factory=lambda: os.environ.get("MMX_ENFORCE_EAGER", "0") not in ("", "0"))
     seed: int = 0
     allow_non_finite_weights: bool = False  # load a checkpoint whose weights hold NaN / Inf (else refused)
     # int8: per-channel int8 weights for the decoder layers' linear maps (CPU kernel), applied after loading

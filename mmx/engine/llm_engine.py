@@ -18,6 +18,7 @@ import torch
 
 from mmx.engine.args import EngineArgs
 from mmx.engine.cache import CacheLayout, HybridCache
+from mmx.engine.decode_graph import DecodeGraph
 from mmx.engine.outputs import CompletionOutput, RequestOutput
 from mmx.engine.paged_batch import PagedBatch
 from mmx.engine.prefix_cache import PrefixCache
@@ -27,6 +28,7 @@ from mmx.engine.sampling_params import SamplingParams
 from mmx.engine.scheduler import Scheduler, StepPlan
 from mmx.engine.sequence import Sequence, TokenLogprob
 from mmx.engine.structured import CompiledGrammar, GrammarCompiler
+from mmx.model.layout import use_decode_layout
 from mmx.model.modeling import MiniMaxForCausalLM
 from mmx.model.quantization import quantize_model
 from mmx.utils.logging import get_logger
@@ -118,6 +120,8 @@ class LLMEngine:
                 raise TypeError(f"unknown engine argument(s): {', '.join(sorted(rest))}")
         self.args = args
         quantize_model(model, args.quantization)  # in place; a no-op when None or already done
+        if args.enforce_eager:  # the BLAS streams column-major weights fastest at one row; compiled decode steps
+            use_decode_layout(model)  # read them row-major (mmx.model.linear)
         self.model = model.eval()
         self.config = model.config
         self.device = model.device
@@ -152,6 +156,7 @@ class LLMEngine:
             self.prefix_cache,
         )
         self.sampler = Sampler(self.eos_token_ids, seed=args.seed)
+        self.decode_graph = None if args.enforce_eager else DecodeGraph(self.model, self.cache)
         self.requests: dict[str, _Request] = {}
         self._tokenizer_json: str | None = None  # what structured outputs compile against, when given
         self._grammars: GrammarCompiler | None = None
@@ -289,6 +294,13 @@ class LLMEngine:
         if self.prefix_cache is not None:
             self.prefix_cache.reset()
 
+    def warm_up(self) -> None:
+        """Compile the decode graphs now (a server does this before taking requests); a no-op when eager."""
+        if self.decode_graph is not None and not self.requests:
+            seconds = self.decode_graph.warm_up(self.args.max_num_seqs, self.max_model_len)
+            if self.decode_graph.failed is None:
+                logger.info("decode graphs ready in %.1f s", seconds)
+
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
@@ -299,6 +311,10 @@ class LLMEngine:
     # ------------------------------------------------------------------ one step
     @torch.inference_mode()
     def _forward(self, plan: StepPlan) -> list[tuple[Sequence, int, Any]]:
+        if self.decode_graph is not None and not plan.prefill:
+            logits = self.decode_graph(plan.decode)
+            if logits is not None:
+                return self._picks(logits, plan.decode)
         prefix = self.prefix_cache
         captures = prefix.plan_captures(plan.prefill) if prefix is not None else []
         snapshots = prefix.states if prefix is not None else None
@@ -308,12 +324,14 @@ class LLMEngine:
         self._score_prompts(batch, hidden[0])
         if not batch.sampled:
             return []
-        logits = self.model.compute_logits(hidden[0, batch.sample_rows])
-        picks = self._sample(logits, batch.sampled)
-        for i, seq in enumerate(batch.sampled):
+        return self._picks(self.model.compute_logits(hidden[0, batch.sample_rows]), batch.sampled)
+
+    def _picks(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[tuple[Sequence, int, Any]]:
+        picks = self._sample(logits, seqs)
+        for i, seq in enumerate(seqs):
             if seq.forced_tokens and picks[i][0] is not None:
                 picks[i] = self._forced(logits[i], seq.forced_tokens.pop(0), picks[i][1])
-        return [(seq, token, entry) for seq, (token, entry) in zip(batch.sampled, picks)]
+        return [(seq, token, entry) for seq, (token, entry) in zip(seqs, picks)]
 
     @staticmethod
     def _forced(logits: torch.Tensor, token: int, sampled: TokenLogprob | None) -> tuple[int, TokenLogprob | None]:

@@ -7,6 +7,7 @@ from torch import nn
 
 from mmx.config import MiniMaxConfig
 from mmx.model.cache import AttentionCache, causal_softmax
+from mmx.model.linear import Linear
 from mmx.model.norm import RMSNorm
 from mmx.model.rotary import apply_rotary
 
@@ -19,10 +20,10 @@ class SoftmaxAttention(nn.Module):
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         self.scale = self.head_dim**-0.5
-        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
+        self.q_proj = Linear(config.hidden_size, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = Linear(self.num_heads * self.head_dim, config.hidden_size, bias=False)
         if config.use_qk_norm:
             # "per_layer": one RMS statistic over the concatenation of all heads, not one per head.
             self.q_norm = RMSNorm(self.num_heads * self.head_dim, config.rms_norm_eps)

@@ -8,6 +8,7 @@ from torch import nn
 from mmx.config import MiniMaxConfig
 from mmx.model.activation import activation
 from mmx.model.cache import AttentionCache
+from mmx.model.linear import Linear
 from mmx.model.norm import RMSNorm
 from mmx.ops import decay_rates, lightning_attention
 
@@ -23,10 +24,10 @@ class LightningAttention(nn.Module):
         self.head_dim = config.head_dim
         self.act = activation(config.hidden_act)
         width = self.num_heads * self.head_dim
-        self.qkv_proj = nn.Linear(config.hidden_size, 3 * width, bias=False)
-        self.output_gate = nn.Linear(config.hidden_size, width, bias=False)
+        self.qkv_proj = Linear(config.hidden_size, 3 * width, bias=False)
+        self.output_gate = Linear(config.hidden_size, width, bias=False)
         self.norm = RMSNorm(width, config.lightning_norm_eps)
-        self.out_proj = nn.Linear(width, config.hidden_size, bias=False)
+        self.out_proj = Linear(width, config.hidden_size, bias=False)
         # Decay rates depend on the global layer index; kept as a plain float32 tensor so no dtype cast reaches it.
         self._rates = decay_rates(self.num_heads, layer_idx, config.num_hidden_layers, config.lightning_slopes)
 

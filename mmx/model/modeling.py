@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mmx.config import MiniMaxConfig
@@ -17,6 +16,7 @@ from mmx.model.attention import SoftmaxAttention
 from mmx.model.cache import AttentionCache
 from mmx.model.checkpoint_io import load_checkpoint, save_model
 from mmx.model.lightning import LightningAttention
+from mmx.model.linear import Linear, project
 from mmx.model.moe import SparseMoeBlock
 from mmx.model.norm import RMSNorm
 from mmx.model.params import parameter_counts
@@ -107,7 +107,7 @@ class MiniMaxForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = MiniMaxModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
         if self.lm_head.weight.device.type != "meta":
             self.init_weights()
@@ -132,7 +132,7 @@ class MiniMaxForCausalLM(nn.Module):
         """LM head; logits come back in float32 (in the head weight's dtype before that: bf16 unless the head was
         loaded in float32, which M1's report recommends for RL)."""
         weight = self.lm_head.weight
-        return F.linear(hidden.to(weight.dtype), weight).float()
+        return project(hidden.to(weight.dtype), weight).float()
 
     def _check_ids(self, input_ids: torch.Tensor) -> None:
         if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):

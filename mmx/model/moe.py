@@ -15,6 +15,7 @@ from torch import nn
 
 from mmx.config import MiniMaxConfig
 from mmx.model.activation import activation
+from mmx.model.linear import dot_rows, streams_rows
 
 
 class TopKRouter(nn.Module):
@@ -88,12 +89,30 @@ class Experts(nn.Module):
         self.num_experts = e
         self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, d))
         self.down_proj = nn.Parameter(torch.empty(e, d, i))
+        self.act_name = config.hidden_act
         self.act = activation(config.hidden_act)
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        if ids.numel() <= GROUPED_MAX_PAIRS and self.grouped_supported(x):
+        grouped = ids.numel() <= GROUPED_MAX_PAIRS and self.grouped_supported(x)
+        if torch.compiler.is_compiling():
+            if grouped and not streams_rows(x):  # one opaque call in the graph (see grouped_experts)
+                return grouped_experts(x, ids, weights, self.gate_up_proj, self.down_proj, self.act_name)
+            return self.forward_gathered(x, ids, weights)
+        if grouped:
             return self.forward_grouped(x, ids, weights)
         return self.forward_per_expert(x, ids, weights)
+
+    def forward_gathered(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """For compiled graphs: each token's chosen experts as dot products over their weights, read in place
+        through the expert ids (inductor fuses the indexing into the loads; nothing is copied)."""
+        return mix_experts(
+            x,
+            ids,
+            weights,
+            lambda h: dot_rows(h, self.gate_up_proj[ids]),
+            lambda h: dot_rows(h, self.down_proj[ids]),
+            self.act,
+        )
 
     def expert_ffn(self, expert: int, x: torch.Tensor) -> torch.Tensor:
         gate, up = F.linear(x, self.gate_up_proj[expert]).chunk(2, dim=-1)
@@ -115,17 +134,62 @@ class Experts(nn.Module):
         return all(n * width % 16 == 0 for n in self.down_proj.shape[1:])
 
     def forward_grouped(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """The per-expert loop's arithmetic (same products, same accumulation order) in a fixed number of ops."""
-        k = ids.shape[1]
-        expert_of, order = ids.reshape(-1).sort(stable=True)
-        token_of = order // k
-        # offsets[e] = pairs routed to experts <= e: where each expert's rows end, found on the device
-        offsets = torch.searchsorted(expert_of, torch.arange(self.num_experts, device=x.device), right=True)
-        offsets = offsets.to(torch.int32)
-        gate, up = F.grouped_mm(x[token_of], self.gate_up_proj.transpose(1, 2), offs=offsets).chunk(2, dim=-1)
-        y = F.grouped_mm(self.act(gate) * up, self.down_proj.transpose(1, 2), offs=offsets)
-        y.mul_(weights.reshape(-1)[order].to(x.dtype)[:, None])
-        return torch.zeros_like(x).index_add_(0, token_of, y)
+        return grouped_moe(x, ids, weights, self.gate_up_proj, self.down_proj, self.act)
+
+
+def grouped_moe(
+    x: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    act: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """The per-expert loop's arithmetic (same products, same accumulation order) in a fixed number of ops."""
+    k = ids.shape[1]
+    expert_of, order = ids.reshape(-1).sort(stable=True)
+    token_of = order // k
+    # offsets[e] = pairs routed to experts <= e: where each expert's rows end, found on the device
+    offsets = torch.searchsorted(expert_of, torch.arange(gate_up_proj.shape[0], device=x.device), right=True)
+    offsets = offsets.to(torch.int32)
+    gate, up = F.grouped_mm(x[token_of], gate_up_proj.transpose(1, 2), offs=offsets).chunk(2, dim=-1)
+    y = F.grouped_mm(act(gate) * up, down_proj.transpose(1, 2), offs=offsets)
+    y.mul_(weights.reshape(-1)[order].to(x.dtype)[:, None])
+    return torch.zeros_like(x).index_add_(0, token_of, y)
+
+
+def mix_experts(
+    x: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    gate_up: Callable[[torch.Tensor], torch.Tensor],
+    down: Callable[[torch.Tensor], torch.Tensor],
+    act: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """sum_k weights[t, k] * down_k(act(gate_k x_t) * up_k x_t), where gate_up / down map [T, 1, D] rows to the
+    chosen experts' outputs [T, k, ...] (the compiled small-batch path)."""
+    gate, up = gate_up(x[:, None, :]).chunk(2, dim=-1)
+    y = down(act(gate) * up)
+    return (y.float() * weights[..., None].float()).sum(1).to(x.dtype)
+
+
+# torch's grouped GEMM has no CPU float32 meta kernel, so a compiled graph cannot trace it; this op hides the
+# grouped path behind one call (inductor treats it as an external kernel).
+@torch.library.custom_op("mmx::grouped_experts", mutates_args=())
+def grouped_experts(
+    x: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    act_name: str,
+) -> torch.Tensor:
+    return grouped_moe(x, ids, weights, gate_up_proj, down_proj, activation(act_name))
+
+
+@grouped_experts.register_fake
+def _(x, ids, weights, gate_up_proj, down_proj, act_name):
+    return torch.empty_like(x)
 
 
 class SparseMoeBlock(nn.Module):

@@ -14,6 +14,7 @@ a plain dequantise-and-multiply instead.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -21,7 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmx.engine.args import QUANTIZATION_METHODS
-from mmx.model.moe import Experts, combine_per_expert
+from mmx.model.activation import activation
+from mmx.model.linear import dot_rows, streams_rows
+from mmx.model.moe import Experts, combine_per_expert, mix_experts
 from mmx.utils.logging import get_logger
 
 logger = get_logger(__name__)
@@ -83,6 +86,8 @@ class Int8Linear(nn.Module):
         return cls(*quantize_rows(linear.weight, kernel_dtype(linear.weight.dtype)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if streams_rows(x):  # compiled, few rows: int8 weights widened as they stream in
+            return (dot_rows(x, self.qweight).float() * self.weight_scale.float()).to(x.dtype)
         return int8_matmul(x, self.qweight, self.weight_scale)
 
     def extra_repr(self) -> str:
@@ -97,6 +102,7 @@ class Int8Experts(nn.Module):
         super().__init__()
         self.num_experts = experts.num_experts
         self.act = experts.act
+        self.act_name = experts.act_name
         dtype = kernel_dtype(experts.gate_up_proj.dtype)
         gate_up, gate_up_scale = quantize_rows(experts.gate_up_proj, dtype)
         down, down_scale = quantize_rows(experts.down_proj, dtype)
@@ -110,7 +116,52 @@ class Int8Experts(nn.Module):
         return int8_matmul(self.act(gate) * up, self.down_qweight[expert], self.down_scale[expert])
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            if streams_rows(x):
+                return mix_experts(
+                    x, ids, weights, self._gathered(ids, "gate_up"), self._gathered(ids, "down"), self.act
+                )
+            return int8_experts(
+                x,
+                ids,
+                weights,
+                self.gate_up_qweight,
+                self.gate_up_scale,
+                self.down_qweight,
+                self.down_scale,
+                self.act_name,
+            )
         return combine_per_expert(x, ids, weights, self.num_experts, self.expert_ffn)
+
+    def _gathered(self, ids: torch.Tensor, name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+        qweight, scale = getattr(self, f"{name}_qweight"), getattr(self, f"{name}_scale")
+        return lambda h: (dot_rows(h, qweight[ids]).float() * scale[ids].float()).to(h.dtype)
+
+
+# The per-expert loop reads the routing on the host, which a compiled graph cannot trace: one opaque call there.
+@torch.library.custom_op("mmx::int8_experts", mutates_args=())
+def int8_experts(
+    x: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    gate_up_qweight: torch.Tensor,
+    gate_up_scale: torch.Tensor,
+    down_qweight: torch.Tensor,
+    down_scale: torch.Tensor,
+    act_name: str,
+) -> torch.Tensor:
+    act = activation(act_name)
+
+    def ffn(expert: int, rows: torch.Tensor) -> torch.Tensor:
+        gate, up = int8_matmul(rows, gate_up_qweight[expert], gate_up_scale[expert]).chunk(2, dim=-1)
+        return int8_matmul(act(gate) * up, down_qweight[expert], down_scale[expert])
+
+    return combine_per_expert(x, ids, weights, gate_up_qweight.shape[0], ffn)
+
+
+@int8_experts.register_fake
+def _(x, ids, weights, gate_up_qweight, gate_up_scale, down_qweight, down_scale, act_name):
+    return torch.empty_like(x)
 
 
 def is_quantized(model: nn.Module) -> bool:

@@ -1,0 +1,219 @@
+"""A compiled decode step: the model's forward for a batch of one-token sequences as an inductor graph.
+
+A decode step is overhead-bound on small models: thousands of tiny eager ops around a few matrix products. Here a
+decode-only step runs through ``torch.compile``: the elementwise chains fuse into a few generated loops, attention
+reads the paged K/V through the block tables inside its own loops (no gathered copy), the lightning states are
+updated in their slots, and with few sequences every weight product streams its weights once as dot products
+(:mod:`mmx.model.linear`). Everything the step depends on is a tensor argument, and the batch size and the number
+of context blocks are dynamic dimensions, so three graphs serve every step: one sequence (torch specialises size
+1), 2 to FEW_ROWS sequences (dot products), and more (BLAS). Steps that prefill, score prompts or capture
+prefix-cache states stay eager.
+
+The compiled code is cached on disk by inductor, in ``~/.cache/mmx/inductor`` unless ``TORCHINDUCTOR_CACHE_DIR``
+is set (mmx sets that variable for the process when it is unset), so a later run with the same model shapes loads
+it instead of compiling.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import time
+import types
+
+import torch
+
+from mmx.engine.cache import HybridCache
+from mmx.engine.sequence import Sequence
+from mmx.model.linear import FEW_ROWS
+from mmx.model.modeling import MiniMaxForCausalLM
+from mmx.utils.logging import get_logger
+
+logger = get_logger(__name__)
+
+# Block tables are padded to a multiple of this many blocks (masked out): a table of one block would be a size-1
+# dimension, which torch specialises into a graph of its own.
+TABLE_STEP = 8
+_engine_ids = itertools.count()
+
+
+def _cache_dir() -> None:
+    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(os.path.expanduser("~"), ".cache", "mmx", "inductor")
+
+
+class DecodeCache:
+    """The AttentionCache of a decode step, built from tensors only (traced into the graph).
+
+    ``write_at`` [N]: flat K/V address of each new token; ``tables`` [N, W]: block ids of each sequence's context
+    (padded); ``lengths`` [N]: context length including the new token; ``slots`` [N]: lightning-state rows."""
+
+    def __init__(
+        self,
+        keys: list[torch.Tensor],
+        values: list[torch.Tensor],
+        states: list[torch.Tensor],
+        layer_index: dict[int, int],
+        positions: torch.Tensor,
+        write_at: torch.Tensor,
+        tables: torch.Tensor,
+        lengths: torch.Tensor,
+        slots: torch.Tensor,
+    ):
+        self.keys, self.values, self.states, self.layer_index = keys, values, states, layer_index
+        self._positions, self.write_at, self.tables, self.lengths, self.slots = (
+            positions,
+            write_at,
+            tables,
+            lengths,
+            slots,
+        )
+
+    def positions(self, batch: int, seq_len: int, device: torch.device) -> torch.Tensor:
+        return self._positions[None]
+
+    def advance(self, num_tokens: int) -> None:
+        """Lengths are the scheduler's business."""
+
+    def softmax_attention(
+        self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+    ) -> torch.Tensor:
+        i = self.layer_index[layer_idx]
+        keys, values = self.keys[i], self.values[i]
+        nb, bs, g, d = keys.shape
+        h = q.shape[1]
+        flat_k, flat_v = keys.view(nb * bs, g, d), values.view(nb * bs, g, d)
+        flat_k.index_copy_(0, self.write_at, k[0].transpose(0, 1).to(keys.dtype))
+        flat_v.index_copy_(0, self.write_at, v[0].transpose(0, 1).to(values.dtype))
+        n, w = self.tables.shape
+        # [N, W * bs, G, D] through the block tables; read inside the score and mixing loops, not copied
+        ks = keys[self.tables].view(n, w * bs, g, 1, d).to(q.dtype)
+        vs = values[self.tables].view(n, w * bs, g, 1, d).to(q.dtype)
+        qs = q[0].transpose(0, 1).reshape(n, 1, g, h // g, d)  # query heads grouped by their K/V head
+        scores = (qs.float() * ks.float()).sum(-1) * scale  # [N, L, G, R]
+        visible = torch.arange(w * bs, device=q.device)[None, :] < self.lengths[:, None]
+        scores = scores.masked_fill(~visible[:, :, None, None], float("-inf"))
+        probs = scores.softmax(dim=1)
+        out = (probs[..., None] * vs.float()).sum(1)  # [N, G, R, D]
+        return out.reshape(n, h, d).transpose(0, 1)[None].to(q.dtype)
+
+    def lightning_attention(
+        self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rates: torch.Tensor
+    ) -> torch.Tensor:
+        pool = self.states[self.layer_index[layer_idx]]
+        state = pool[self.slots]  # [N, H, Dk, Dv]
+        decay = torch.exp(-rates.float())[None, :, None, None]
+        state = state * decay + k[0].float()[..., :, None] * v[0].float()[..., None, :]
+        pool.index_copy_(0, self.slots, state)
+        return (q[0].float()[..., :, None] * state).sum(-2)[None].to(q.dtype)
+
+
+class DecodeGraph:
+    """Runs decode-only steps of ``model`` over ``cache`` through compiled graphs. If compiling fails (no C++
+    compiler, an op inductor cannot take), it says why once and the engine runs those steps eagerly."""
+
+    def __init__(self, model: MiniMaxForCausalLM, cache: HybridCache):
+        _cache_dir()
+        self.model = model
+        self.cache = cache
+        self.layer_index = {layer: i for i, layer in enumerate(sorted(cache.keys))}
+        self.layer_index.update({layer: i for i, layer in enumerate(sorted(cache.states))})
+        self._keys = [cache.keys[i] for i in sorted(cache.keys)]
+        self._values = [cache.values[i] for i in sorted(cache.values)]
+        self._states = [cache.states[i] for i in sorted(cache.states)]
+        self._device = model.device
+        # Each engine compiles its own copy of the step's code: torch keeps compiled graphs per code object, so
+        # engines in one process (tests, benchmarks) neither share nor crowd out each other's graphs, and they go
+        # with the engine. Guards on the model's modules are then skipped (they cost ~0.3 ms a step): the graph
+        # takes the parameters as inputs (never baked in), and an engine's model keeps its structure for its
+        # lifetime (an RL weight sync copies values in place).
+        code = DecodeGraph._step.__code__.replace(co_name=f"decode_step_{next(_engine_ids)}")
+        step = types.FunctionType(code, DecodeGraph._step.__globals__, code.co_name)
+        self._compiled = torch.compile(
+            types.MethodType(step, self),
+            fullgraph=True,
+            options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe},
+        )
+        self.failed: str | None = None  # why compiling failed; decode steps then run eagerly
+        self.compile_seconds = 0.0  # first calls of each graph (compiling, or loading from the on-disk cache)
+        self._seen: set[str] = set()
+
+    def _step(self, ids, positions, write_at, tables, lengths, slots, keys, values, states):
+        cache = DecodeCache(keys, values, states, self.layer_index, positions, write_at, tables, lengths, slots)
+        hidden = self.model.model(ids[None], positions[None], cache=cache)
+        return self.model.compute_logits(hidden[0])
+
+    def inputs(self, seqs: list[Sequence]) -> tuple[torch.Tensor, ...]:
+        """(ids, positions, K/V write addresses, block tables, context lengths, state slots) of the step, [N] each
+        but the tables [N, W]; W is a multiple of TABLE_STEP, padded with block 0 (masked out)."""
+        cache, bs = self.cache, self.cache.block_size
+        starts = [seq.num_computed_tokens for seq in seqs]
+        long = dict(dtype=torch.long)
+        if cache.uses_blocks:
+            width = math.ceil(max(a // bs + 1 for a in starts) / TABLE_STEP) * TABLE_STEP
+            rows = [seq.block_table[: a // bs + 1] for seq, a in zip(seqs, starts)]
+            tables = torch.tensor([row + [0] * (width - len(row)) for row in rows], **long)
+            write_at = torch.tensor([row[-1] * bs + a % bs for row, a in zip(rows, starts)], **long)
+        else:
+            tables = torch.zeros(len(seqs), TABLE_STEP, **long)
+            write_at = torch.zeros(len(seqs), **long)
+        ids = torch.tensor([seq.tokens(a, a + 1)[0] for seq, a in zip(seqs, starts)], **long)
+        positions = torch.tensor(starts, **long)
+        slots = torch.tensor([seq.slot or 0 for seq in seqs], **long)
+        out = (ids, positions, write_at, tables, positions + 1, slots)
+        if self._device.type != "cpu":
+            out = tuple(t.to(self._device, non_blocking=True) for t in out)
+        return out
+
+    def __call__(self, seqs: list[Sequence]) -> torch.Tensor | None:
+        """Logits [len(seqs), vocab] of the next token of each decoding sequence (their caches updated), or None
+        when the compiled path is unavailable (the caller runs the step eagerly)."""
+        if self.failed is not None:
+            return None
+        return self._run(self.inputs(seqs))
+
+    def warm_up(self, max_num_seqs: int, max_model_len: int) -> float:
+        """Build every graph the engine can need (one sequence, a few, many; short and full-length contexts)
+        before serving, so that no request waits for a compilation; returns the seconds spent. Writes one token's
+        K/V into block 0 and a state into slot 0, so it must run before any sequence holds them (at start-up)."""
+        start = time.perf_counter()
+        longest = math.ceil(math.ceil(max_model_len / self.cache.block_size) / TABLE_STEP) * TABLE_STEP
+        for n in sorted({1, min(2, max_num_seqs), min(FEW_ROWS + 1, max_num_seqs)}):
+            for width in sorted({TABLE_STEP, max(TABLE_STEP, longest)}):
+                if self.failed is None:
+                    zeros = torch.zeros(n, dtype=torch.long, device=self._device)
+                    tables = torch.zeros(n, width, dtype=torch.long, device=self._device)
+                    self._run((zeros, zeros, zeros, tables, zeros + 1, zeros))
+        return time.perf_counter() - start
+
+    def _run(self, args: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
+        n = args[0].shape[0]
+        # one graph per kind of batch: one sequence (torch specialises size 1), a few (dot products), many (BLAS)
+        kind = "one" if n == 1 else "few" if n <= FEW_ROWS else "many"
+        if kind != "one":  # the graphs' own guards tell "few" from "many" (see mmx.model.linear.streams_rows)
+            for t in args:
+                torch._dynamo.maybe_mark_dynamic(t, 0)
+        torch._dynamo.maybe_mark_dynamic(args[3], 1)
+        first = kind not in self._seen
+        start = time.perf_counter()
+        try:
+            with torch.inference_mode():
+                logits = self._compiled(*args, self._keys, self._values, self._states)
+        except Exception as e:
+            if not first:
+                raise
+            self.failed = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+            logger.warning("compiled decode unavailable, decoding eagerly (%s)", self.failed)
+            return None
+        if first:
+            self._seen.add(kind)
+            spent = time.perf_counter() - start
+            self.compile_seconds += spent
+            logger.info(
+                "decode graph for %s: ready in %.1f s (compiled, or loaded from %s)",
+                {"one": "one sequence", "few": f"2-{FEW_ROWS} sequences", "many": "larger batches"}[kind],
+                spent,
+                os.environ["TORCHINDUCTOR_CACHE_DIR"],
+            )
+        return logits

@@ -1,0 +1,172 @@
+"""The compiled decode step (mmx.engine.decode_graph) against the eager engine: same greedy tokens and log-probs on
+M1 hybrid and M2, for every kind of batch (one sequence, a few, many), under preemption, prefix sharing, n > 1,
+and with reduced-precision K/V; and the eager fallback when compiling fails."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sysconfig
+
+import pytest
+import torch
+
+from mmx.embedded import embedded_model_path
+from mmx.engine import LLMEngine, SamplingParams
+from mmx.engine.args import EngineArgs
+from mmx.engine.decode_graph import DecodeGraph
+from mmx.model.linear import FEW_ROWS
+from mmx.model.weights import load_model
+
+from .conftest import MMX_TINY_PROMPTS, tiny_model
+
+# inductor's CPU code is C++ built against Python's headers (make test installs both where it can)
+pytestmark = pytest.mark.skipif(
+    shutil.which("g++") is None or not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")),
+    reason="no C++ compiler or Python headers: torch.compile cannot build CPU code here",
+)
+
+
+def _traffic(vocab: int, seed: int = 7) -> list[tuple[list[int], int, int]]:
+    """(prompt, max_tokens, arrival step) of 14 requests: one alone first, then a few, then more than FEW_ROWS."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    arrivals = [0, 14, 14, 15, 15, 15, 18, 18, 18, 18, 19, 19, 19, 19]
+    for i, arrival in enumerate(arrivals):
+        length = int(torch.randint(1, 40, (1,), generator=gen))
+        prompt = torch.randint(0, vocab, (length,), generator=gen).tolist()
+        out.append((prompt, 10 if i == 0 else 20 + i % 7, arrival))
+    return out
+
+
+def _run(engine: LLMEngine, traffic, params: dict) -> dict[str, tuple[list[int], list[float]]]:
+    results, step, pending = {}, 0, list(range(len(traffic)))
+    while pending or engine.has_unfinished_requests():
+        for i in [i for i in pending if traffic[i][2] <= step]:
+            prompt, max_tokens, _ = traffic[i]
+            sampling = SamplingParams(
+                **{"temperature": 0, "max_tokens": max_tokens, "ignore_eos": True, "logprobs": 0, **params}
+            )
+            engine.add_request(f"r{i}", prompt, sampling)
+            pending.remove(i)
+        for out in engine.step():
+            if out.finished:
+                for sample in out.outputs:
+                    key = f"{out.request_id}/{sample.index}"
+                    results[key] = (sample.token_ids, [entry.logprob for entry in sample.logprobs])
+        step += 1
+    return results
+
+
+def _engines(preset: str, **kwargs) -> tuple[LLMEngine, LLMEngine]:
+    """An eager and a compiled engine over two copies of the same model (the eager one re-lays its weights)."""
+    settings = dict(max_model_len=160, max_num_seqs=12, max_num_batched_tokens=64, block_size=4, **kwargs)
+    eager = LLMEngine(tiny_model(preset), enforce_eager=True, **settings)
+    compiled = LLMEngine(tiny_model(preset), enforce_eager=False, **settings)
+    return eager, compiled
+
+
+def _assert_same(expected: dict, actual: dict, tolerance: float) -> None:
+    assert expected.keys() == actual.keys()
+    for key, (tokens, logprobs) in expected.items():
+        got_tokens, got_logprobs = actual[key]
+        assert got_tokens == tokens, key
+        gap = max(abs(a - b) for a, b in zip(logprobs, got_logprobs))
+        assert gap <= tolerance, f"{key}: log-probs differ by {gap:.2e}"
+
+
+@pytest.mark.parametrize("preset", ["tiny-m1", "tiny-m2"])
+def test_compiled_decode_equals_eager(preset):
+    """Staggered traffic whose decode batches hold one, a few and more than FEW_ROWS sequences, with chunked
+    prefill and a cache small enough to preempt: tokens and log-probs as the eager engine's."""
+    eager, compiled = _engines(preset, cache_memory_gb=None)
+    traffic = _traffic(eager.config.vocab_size)
+    expected = _run(eager, traffic, {})
+    actual = _run(compiled, traffic, {})
+    graph = compiled.decode_graph
+    assert graph is not None and graph.failed is None
+    assert graph._seen == {"one", "few", "many"}, "every kind of batch was meant to run compiled"
+    _assert_same(expected, actual, 2e-4)
+
+
+@pytest.mark.parametrize("preset", ["tiny-m1", "tiny-m2"])
+def test_compiled_decode_with_shared_prefixes_and_bf16_kv(preset):
+    """n = 3 samples of prompts that share a stem (their blocks shared by the prefix cache, so block tables are
+    not contiguous), K/V stored in bfloat16: as eager."""
+    eager, compiled = _engines(preset, kv_cache_dtype="bfloat16")
+    stem = list(range(5, 30))
+    traffic = [([*stem, 40 + i, 41 + i], 12, i) for i in range(4)]
+    params = {"n": 3, "temperature": 0.8, "seed": 11}
+    expected = _run(eager, traffic, params)
+    actual = _run(compiled, traffic, params)
+    assert compiled.prefix_cache.stats.hit_tokens > 0
+    assert compiled.decode_graph.failed is None
+    _assert_same(expected, actual, 1e-3)  # summation order, through bf16-rounded keys
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(embedded_model_path() is None, reason="the embedded mmx-tiny model is absent")
+def test_compiled_decode_int8_on_mmx_tiny():
+    """int8 weights: up to FEW_ROWS sequences the compiled step widens the int8 weights to float32 as they stream
+    in, where the eager kernel rounds the activations to bfloat16; larger batches run the eager int8 kernels inside
+    the graph. On mmx-tiny (a trained model, so its greedy choices are not near-ties) greedy text is the eager
+    engine's and log-probs differ by the activations' rounding."""
+    from mmx.chat.tokenizer import Tokenizer
+
+    path = embedded_model_path()
+    tokenizer = Tokenizer.from_pretrained(path)
+    prompts = MMX_TINY_PROMPTS
+    settings = dict(max_model_len=160, max_num_seqs=12, quantization="int8")
+    traffic = [(tokenizer.encode(text), 24, 0 if i == 0 else 30) for i, text in enumerate(prompts * 2)]
+    eager = LLMEngine(load_model(path), enforce_eager=True, **settings)
+    compiled = LLMEngine(load_model(path), enforce_eager=False, **settings)
+    expected, actual = _run(eager, traffic, {}), _run(compiled, traffic, {})
+    assert compiled.decode_graph.failed is None and compiled.decode_graph._seen == {"one", "few", "many"}
+    same = [key for key in expected if expected[key][0] == actual[key][0]]
+    assert len(same) >= 14, f"greedy text differs on {len(expected) - len(same)} of {len(expected)} requests"
+    _assert_same({k: expected[k] for k in same}, {k: actual[k] for k in same}, 0.05)
+
+
+def test_warm_up_compiles_every_graph_before_requests():
+    engine = LLMEngine(tiny_model("tiny-m2"), max_model_len=64, max_num_seqs=FEW_ROWS + 2, enforce_eager=False)
+    engine.warm_up()
+    graph = engine.decode_graph
+    assert graph._seen == {"one", "few", "many"} and graph.compile_seconds > 0
+    spent = graph.compile_seconds
+    for i in range(FEW_ROWS + 2):
+        engine.add_request(f"r{i}", list(range(3, 9 + i)), SamplingParams(max_tokens=5, ignore_eos=True))
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert graph.compile_seconds == spent  # nothing compiled while serving
+
+
+def test_failed_compilation_falls_back_to_eager(monkeypatch, caplog):
+    model = tiny_model("tiny-m1")
+    eager = LLMEngine(tiny_model("tiny-m1"), max_model_len=64, enforce_eager=True)
+    engine = LLMEngine(model, max_model_len=64, enforce_eager=False)
+
+    def broken(*args):
+        raise RuntimeError("no C++ compiler here")
+
+    monkeypatch.setattr(engine.decode_graph, "_compiled", broken)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    outs = {}
+    for name, e in (("eager", eager), ("fallback", engine)):
+        e.add_request("a", [5, 6, 7, 8], params)
+        while e.has_unfinished_requests():
+            for out in e.step():
+                if out.finished:
+                    outs[name] = out.outputs[0].token_ids
+    assert outs["fallback"] == outs["eager"]
+    assert "no C++ compiler here" in engine.decode_graph.failed
+    assert "decoding eagerly" in caplog.text
+
+
+def test_enforce_eager_defaults(monkeypatch):
+    monkeypatch.setenv("MMX_ENFORCE_EAGER", "0")
+    assert EngineArgs().enforce_eager is False
+    monkeypatch.setenv("MMX_ENFORCE_EAGER", "1")
+    assert EngineArgs().enforce_eager is True
+    engine = LLMEngine(tiny_model("tiny-m1"), max_model_len=32)
+    assert engine.decode_graph is None  # eager: nothing to compile
+    assert isinstance(LLMEngine(tiny_model("tiny-m1"), max_model_len=32, enforce_eager=False).decode_graph, DecodeGraph)
