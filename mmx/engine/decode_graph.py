@@ -43,6 +43,20 @@ def _cache_dir() -> None:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(os.path.expanduser("~"), ".cache", "mmx", "inductor")
 
 
+def _graphs_built() -> int:
+    """Graphs torch.compile has built in this process (a change after a step means that step compiled one)."""
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+def _stored(t: torch.Tensor) -> torch.Tensor:
+    """``t`` written to memory once. Inductor would otherwise fuse whatever computed it (the query's rotary
+    embedding: a sine and a cosine per channel) into the attention loops that read it, and redo it for every key
+    position: 40x slower decode at 16K tokens of context. A scatter is a store it cannot inline."""
+    rows = t.reshape(t.shape[0], -1)
+    index = torch.arange(rows.shape[0], device=t.device)
+    return torch.empty_like(rows).index_copy_(0, index, rows).view(t.shape)
+
+
 class DecodeCache:
     """The AttentionCache of a decode step, built from tensors only (traced into the graph).
 
@@ -90,7 +104,7 @@ class DecodeCache:
         # [N, W * bs, G, D] through the block tables; read inside the score and mixing loops, not copied
         ks = keys[self.tables].view(n, w * bs, g, 1, d).to(q.dtype)
         vs = values[self.tables].view(n, w * bs, g, 1, d).to(q.dtype)
-        qs = q[0].transpose(0, 1).reshape(n, 1, g, h // g, d)  # query heads grouped by their K/V head
+        qs = _stored(q[0].transpose(0, 1)).view(n, 1, g, h // g, d)  # query heads grouped by their K/V head
         scores = (qs.float() * ks.float()).sum(-1) * scale  # [N, L, G, R]
         visible = torch.arange(w * bs, device=q.device)[None, :] < self.lengths[:, None]
         scores = scores.masked_fill(~visible[:, :, None, None], float("-inf"))
@@ -133,11 +147,17 @@ class DecodeGraph:
         self._compiled = torch.compile(
             types.MethodType(step, self),
             fullgraph=True,
-            options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe},
+            options={
+                "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe,
+                # the generated Python wrapper checks every buffer's sizes and alignment each call: ~0.2 ms a step
+                "size_asserts": False,
+                "alignment_asserts": False,
+            },
         )
         self.failed: str | None = None  # why compiling failed; decode steps then run eagerly
         self.compile_seconds = 0.0  # first calls of each graph (compiling, or loading from the on-disk cache)
         self._seen: set[str] = set()
+        self._graphs = _graphs_built()
 
     def _step(self, ids, positions, write_at, tables, lengths, slots, keys, values, states):
         cache = DecodeCache(keys, values, states, self.layer_index, positions, write_at, tables, lengths, slots)
@@ -173,6 +193,7 @@ class DecodeGraph:
             return None
         return self._run(self.inputs(seqs))
 
+    @torch.inference_mode()  # as in the engine's steps: inference tensors get graphs of their own
     def warm_up(self, max_num_seqs: int, max_model_len: int) -> float:
         """Build every graph the engine can need (one sequence, a few, many; short and full-length contexts)
         before serving, so that no request waits for a compilation; returns the seconds spent. Writes one token's
@@ -181,10 +202,11 @@ class DecodeGraph:
         longest = math.ceil(math.ceil(max_model_len / self.cache.block_size) / TABLE_STEP) * TABLE_STEP
         for n in sorted({1, min(2, max_num_seqs), min(FEW_ROWS + 1, max_num_seqs)}):
             for width in sorted({TABLE_STEP, max(TABLE_STEP, longest)}):
-                if self.failed is None:
-                    zeros = torch.zeros(n, dtype=torch.long, device=self._device)
-                    tables = torch.zeros(n, width, dtype=torch.long, device=self._device)
-                    self._run((zeros, zeros, zeros, tables, zeros + 1, zeros))
+                if self.failed is None:  # distinct tensors: inputs that alias each other would get a graph of their own
+                    args = [torch.zeros(n, dtype=torch.long, device=self._device) for _ in range(6)]
+                    args[3] = torch.zeros(n, width, dtype=torch.long, device=self._device)
+                    args[4] += 1
+                    self._run(tuple(args))
         return time.perf_counter() - start
 
     def _run(self, args: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
@@ -206,14 +228,19 @@ class DecodeGraph:
             self.failed = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
             logger.warning("compiled decode unavailable, decoding eagerly (%s)", self.failed)
             return None
-        if first:
+        spent = time.perf_counter() - start
+        graphs = _graphs_built()
+        if first or graphs != self._graphs:
             self._seen.add(kind)
-            spent = time.perf_counter() - start
             self.compile_seconds += spent
             logger.info(
-                "decode graph for %s: ready in %.1f s (compiled, or loaded from %s)",
+                "decode graph for %s (%d sequence(s), %d context blocks): ready in %.1f s (%s, cache %s)",
                 {"one": "one sequence", "few": f"2-{FEW_ROWS} sequences", "many": "larger batches"}[kind],
+                n,
+                args[3].shape[1],
                 spent,
+                "compiled" if graphs != self._graphs else "already built",
                 os.environ["TORCHINDUCTOR_CACHE_DIR"],
             )
+            self._graphs = graphs
         return logits
