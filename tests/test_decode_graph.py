@@ -15,13 +15,14 @@ from mmx.embedded import embedded_model_path
 from mmx.engine import LLMEngine, SamplingParams
 from mmx.engine.args import EngineArgs
 from mmx.engine.decode_graph import DecodeGraph
+from mmx.model.generate import greedy_generate_recompute
 from mmx.model.linear import FEW_ROWS
 from mmx.model.weights import load_model
 
 from .conftest import MMX_TINY_PROMPTS, tiny_model
 
 # inductor's CPU code is C++ built against Python's headers (make test installs both where it can)
-pytestmark = pytest.mark.skipif(
+needs_compiler = pytest.mark.skipif(
     shutil.which("g++") is None or not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")),
     reason="no C++ compiler or Python headers: torch.compile cannot build CPU code here",
 )
@@ -75,6 +76,7 @@ def _assert_same(expected: dict, actual: dict, tolerance: float) -> None:
         assert gap <= tolerance, f"{key}: log-probs differ by {gap:.2e}"
 
 
+@needs_compiler
 @pytest.mark.parametrize("preset", ["tiny-m1", "tiny-m2"])
 def test_compiled_decode_equals_eager(preset):
     """Staggered traffic whose decode batches hold one, a few and more than FEW_ROWS sequences, with chunked
@@ -87,8 +89,13 @@ def test_compiled_decode_equals_eager(preset):
     assert graph is not None and graph.failed is None
     assert graph._seen == {"one", "few", "many"}, "every kind of batch was meant to run compiled"
     _assert_same(expected, actual, 2e-4)
+    model = compiled.model  # and both are plain greedy generation by full recompute, an engine-free reference
+    for i, (prompt, max_tokens, _) in enumerate(traffic):
+        reference = greedy_generate_recompute(model, torch.tensor([prompt]), max_tokens)[0].tolist()
+        assert actual[f"r{i}/0"][0] == reference, f"request {i}"
 
 
+@needs_compiler
 @pytest.mark.parametrize("preset", ["tiny-m1", "tiny-m2"])
 def test_compiled_decode_with_shared_prefixes_and_bf16_kv(preset):
     """n = 3 samples of prompts that share a stem (their blocks shared by the prefix cache, so block tables are
@@ -104,6 +111,7 @@ def test_compiled_decode_with_shared_prefixes_and_bf16_kv(preset):
     _assert_same(expected, actual, 1e-3)  # summation order, through bf16-rounded keys
 
 
+@needs_compiler
 @pytest.mark.slow
 @pytest.mark.skipif(embedded_model_path() is None, reason="the embedded mmx-tiny model is absent")
 def test_compiled_decode_int8_on_mmx_tiny():
@@ -127,6 +135,7 @@ def test_compiled_decode_int8_on_mmx_tiny():
     _assert_same({k: expected[k] for k in same}, {k: actual[k] for k in same}, 0.05)
 
 
+@needs_compiler
 def test_warm_up_compiles_every_graph_before_requests():
     engine = LLMEngine(tiny_model("tiny-m2"), max_model_len=64, max_num_seqs=FEW_ROWS + 2, enforce_eager=False)
     engine.warm_up()

@@ -3,7 +3,7 @@
 A decode step multiplies one row (or a few) by every weight matrix, so it is bound by how fast the weights stream
 from memory. ``F.linear(x, W)`` computes ``x @ W.T``; with W stored row-major ([out, in], PyTorch's default) the
 BLAS reads it as a transposed operand, which runs at about half the memory bandwidth of the untransposed case
-(``bench/decode_gemv.py``: 1.6-1.9x slower at one row, equal at 16 rows and above). Storing W column-major, i.e.
+(``bench/decode_gemv.py``: 1.3-1.5x slower at one row, about equal from 4 rows). Storing W column-major, i.e.
 as the contiguous [in, out] transpose seen through a transposed view, keeps every shape, value and name the same
 and hands the BLAS the layout it streams fastest. Prefill is unaffected (equal or slightly faster).
 

@@ -100,7 +100,6 @@ class Int8Experts(nn.Module):
 
     def __init__(self, experts: Experts):
         super().__init__()
-        self.num_experts = experts.num_experts
         self.act = experts.act
         self.act_name = experts.act_name
         dtype = kernel_dtype(experts.gate_up_proj.dtype)
@@ -110,10 +109,6 @@ class Int8Experts(nn.Module):
         self.register_buffer("gate_up_scale", gate_up_scale)  # [E, 2I]
         self.register_buffer("down_qweight", down)  # [E, D, I]
         self.register_buffer("down_scale", down_scale)  # [E, D]
-
-    def expert_ffn(self, expert: int, x: torch.Tensor) -> torch.Tensor:
-        gate, up = int8_matmul(x, self.gate_up_qweight[expert], self.gate_up_scale[expert]).chunk(2, dim=-1)
-        return int8_matmul(self.act(gate) * up, self.down_qweight[expert], self.down_scale[expert])
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
@@ -131,7 +126,9 @@ class Int8Experts(nn.Module):
                 self.down_scale,
                 self.act_name,
             )
-        return combine_per_expert(x, ids, weights, self.num_experts, self.expert_ffn)
+        return int8_per_expert(
+            x, ids, weights, self.gate_up_qweight, self.gate_up_scale, self.down_qweight, self.down_scale, self.act
+        )
 
     def _gathered(self, ids: torch.Tensor, name: str) -> Callable[[torch.Tensor], torch.Tensor]:
         qweight, scale = getattr(self, f"{name}_qweight"), getattr(self, f"{name}_scale")
@@ -150,7 +147,22 @@ def int8_experts(
     down_scale: torch.Tensor,
     act_name: str,
 ) -> torch.Tensor:
-    act = activation(act_name)
+    return int8_per_expert(
+        x, ids, weights, gate_up_qweight, gate_up_scale, down_qweight, down_scale, activation(act_name)
+    )
+
+
+def int8_per_expert(
+    x: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    gate_up_qweight: torch.Tensor,
+    gate_up_scale: torch.Tensor,
+    down_qweight: torch.Tensor,
+    down_scale: torch.Tensor,
+    act: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """The experts' loop with each expert's two products in the int8 kernel (eager, and inside int8_experts)."""
 
     def ffn(expert: int, rows: torch.Tensor) -> torch.Tensor:
         gate, up = int8_matmul(rows, gate_up_qweight[expert], gate_up_scale[expert]).chunk(2, dim=-1)
