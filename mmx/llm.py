@@ -43,10 +43,24 @@ def load_engine(model: str, **engine_args: Any) -> tuple[LLMEngine, Tokenizer | 
         raise TypeError(f"unknown engine argument(s): {', '.join(sorted(rest))}")
     directory = resolve_model_path(model)
     tokenizer = load_tokenizer(directory)
-    network = load_model(
-        directory, dtype=args.dtype, device=args.device, allow_non_finite_weights=args.allow_non_finite_weights
-    )
-    engine = LLMEngine(network, args, _eos_ids(tokenizer))
+    if args.tensor_parallel_size > 1:
+        from mmx.parallel.launch import load_parallel
+
+        network, workers = load_parallel(directory, args)
+        try:
+            engine = LLMEngine(network, args, _eos_ids(tokenizer), workers=workers)
+        except BaseException:
+            workers.close()
+            raise
+    else:
+        network = load_model(
+            directory,
+            dtype=args.dtype,
+            device=args.device,
+            allow_non_finite_weights=args.allow_non_finite_weights,
+            quantization=args.quantization,
+        )
+        engine = LLMEngine(network, args, _eos_ids(tokenizer))
     if tokenizer is not None:  # structured outputs compile their grammars against it
         engine.enable_structured_outputs(tokenizer.backend.to_str())
     return engine, tokenizer

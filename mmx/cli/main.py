@@ -13,6 +13,7 @@ import sys
 # add_parser passes (tests/test_cli.py checks).
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "info": ("mmx.cli.info", "show a model's architecture and parameter counts (no weights loaded)"),
+    "plan": ("mmx.cli.plan", "weight and cache memory per device of a model split over devices"),
     "generate": ("mmx.cli.generate", "generate text from prompts"),
     "chat": ("mmx.cli.chat", "chat with a model in the terminal"),
     "serve": ("mmx.cli.serve", "serve a model over the OpenAI and Anthropic HTTP APIs"),

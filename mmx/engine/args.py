@@ -7,7 +7,9 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 # Weight quantisation schemes (mmx.model.quantization implements them); here so that the CLI lists them without torch.
-QUANTIZATION_METHODS = ("int8",)
+# int8: every decoder-layer linear map and expert; experts_int8: the MoE experts only (vLLM's name); fp8: keep a
+# block-scaled FP8 checkpoint's weights FP8 in memory (chosen at load time).
+QUANTIZATION_METHODS = ("int8", "experts_int8", "fp8")
 # K/V cache element types: "auto" is the model's dtype
 KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -36,6 +38,10 @@ class EngineArgs:
     # Default: $MMX_ENFORCE_EAGER (1 for eager), else compiled
     enforce_eager: bool = field(default_factory=lambda: os.environ.get("MMX_ENFORCE_EAGER", "0") not in ("", "0"))
     seed: int = 0
+    # processes the model is split over (attention heads, MoE, vocabulary; mmx.parallel), one per device; the engine
+    # runs in the first, the others are spawned (or are the other ranks of a torchrun launch)
+    tensor_parallel_size: int = 1
+    enable_expert_parallel: bool = False  # MoE: whole experts per process instead of a slice of every expert
     allow_non_finite_weights: bool = False  # load a checkpoint whose weights hold NaN / Inf (else refused)
     # int8: per-channel int8 weights for the decoder layers' linear maps (CPU kernel), applied after loading
     quantization: str | None = field(default=None, metadata={"choices": QUANTIZATION_METHODS})
@@ -45,6 +51,10 @@ class EngineArgs:
             raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}; got {self.kv_cache_dtype!r}")
         if self.snapshot_interval is not None and self.snapshot_interval < 1:
             raise ValueError(f"snapshot_interval must be a positive number of tokens; got {self.snapshot_interval}")
+        if self.tensor_parallel_size < 1:
+            raise ValueError(f"tensor_parallel_size must be at least 1; got {self.tensor_parallel_size}")
+        if self.enable_expert_parallel and self.tensor_parallel_size == 1:
+            raise ValueError("enable_expert_parallel splits experts over processes: set tensor_parallel_size above 1")
         if self.snapshot_memory_gb is not None and self.snapshot_memory_gb < 0:
             raise ValueError(f"snapshot_memory_gb must be at least 0; got {self.snapshot_memory_gb}")
         if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:

@@ -98,6 +98,28 @@ class CacheLayout:
         return cls(block_size, int(num_blocks), int(num_slots), int(num_snapshots))
 
 
+class CacheJournal:
+    """The copies between cache tensors that the bookkeeping makes outside a forward (prefix-cache hits and
+    snapshots, copy-on-write), as (owner, method, arguments). Off by default; a tensor-parallel driver turns it on
+    and sends the entries to its workers before each step, which replay them on their own heads' tensors."""
+
+    def __init__(self) -> None:
+        self.entries: list[tuple[str, str, tuple]] | None = None
+
+    def record(self, owner: str, method: str, *args: int | None) -> None:
+        if self.entries is not None:
+            self.entries.append((owner, method, args))
+
+    def drain(self) -> list[tuple[str, str, tuple]]:
+        entries, self.entries = self.entries or [], []
+        return entries
+
+    @staticmethod
+    def replay(entries: list[tuple[str, str, tuple]], cache: HybridCache, prefix: object | None) -> None:
+        for owner, method, args in entries:
+            getattr(cache if owner == "cache" else prefix, method)(*args)
+
+
 class HybridCache:
     """Storage and bookkeeping. K/V per softmax layer: [num_blocks, block_size, kv_heads, head_dim] (keys after
     RoPE); state per lightning layer: [num_slots, heads, head_dim, head_dim] float32."""
@@ -131,6 +153,7 @@ class HybridCache:
         self._cached: OrderedDict[int, None] = OrderedDict()
         self.is_indexed: Callable[[int], bool] = lambda block: False
         self.on_evict: Callable[[int], None] = lambda block: None
+        self.journal = CacheJournal()
 
     # ------------------------------------------------------------------ accounting
     @property
@@ -203,11 +226,15 @@ class HybridCache:
         """Copy-on-write: a fresh block for ``seq`` holding the first ``num_tokens`` K/V rows of ``source``, a block
         that others share (``seq`` goes on to write the rows after them)."""
         self._hold(source)  # so that taking the fresh block cannot evict it
-        block = self.append_block(seq)
+        self.copy_block_rows(self.append_block(seq), source, num_tokens)
+        self._drop(source)
+
+    def copy_block_rows(self, block: int, source: int, num_tokens: int) -> None:
+        """K/V rows [0, num_tokens) of block ``source`` into ``block``, in every softmax layer."""
+        self.journal.record("cache", "copy_block_rows", block, source, num_tokens)
         for layer in self.keys:
             self.keys[layer][block, :num_tokens] = self.keys[layer][source, :num_tokens]
             self.values[layer][block, :num_tokens] = self.values[layer][source, :num_tokens]
-        self._drop(source)
 
     @property
     def num_free_slots(self) -> int:

@@ -12,7 +12,7 @@ import math
 import operator
 import os
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -31,7 +31,11 @@ from mmx.engine.structured import CompiledGrammar, GrammarCompiler
 from mmx.model.layout import use_decode_layout
 from mmx.model.modeling import MiniMaxForCausalLM
 from mmx.model.quantization import quantize_model
+from mmx.parallel.sharding import local_config
 from mmx.utils.logging import get_logger
+
+if TYPE_CHECKING:
+    from mmx.parallel.workers import Workers
 
 logger = get_logger(__name__)
 
@@ -111,19 +115,27 @@ class LLMEngine:
         model: MiniMaxForCausalLM,
         args: EngineArgs | None = None,
         eos_token_ids: Iterable[int] = (),
+        workers: Workers | None = None,
         **kwargs: Any,
     ):
-        """``eos_token_ids`` add to the model config's (the text side's EOS, when it differs)."""
+        """``eos_token_ids`` add to the model config's (the text side's EOS, when it differs). ``workers``: the
+        other ranks of a sharded model (:mod:`mmx.parallel`), which run every forward with this one."""
         if args is None:
             args, rest = EngineArgs.split(kwargs)
             if rest:
                 raise TypeError(f"unknown engine argument(s): {', '.join(sorted(rest))}")
         self.args = args
+        self.workers = workers
+        if workers is None and getattr(model, "parallel", None) is not None and model.parallel.group.size > 1:
+            raise ValueError("this model is one shard of a tensor-parallel model: the engine needs its workers")
         quantize_model(model, args.quantization)  # in place; a no-op when None or already done
-        if args.enforce_eager:  # the BLAS streams column-major weights fastest at one row; compiled decode steps
+        # tensor-parallel steps run eagerly: the compiled graphs hold no collectives
+        eager = args.enforce_eager or workers is not None
+        if eager:  # the BLAS streams column-major weights fastest at one row; compiled decode steps
             use_decode_layout(model)  # read them row-major (mmx.model.linear)
         self.model = model.eval()
         self.config = model.config
+        cache_config = local_config(model)  # one rank's heads when sharded
         self.device = model.device
         self.max_model_len = args.max_model_len or min(self.config.max_position_embeddings, 32768)
         kv_dtype = model.dtype if args.kv_cache_dtype == "auto" else getattr(torch, args.kv_cache_dtype)
@@ -134,15 +146,15 @@ class LLMEngine:
             budget = int(args.cache_memory_gb * (1 << 30))
         else:
             needed = CacheLayout.bytes_for(
-                self.config, kv_dtype, args.max_num_seqs, self.max_model_len, args.block_size
+                cache_config, kv_dtype, args.max_num_seqs, self.max_model_len, args.block_size
             )
-            if snapshot_bytes is None and CacheLayout.bytes_per_slot(self.config):
+            if snapshot_bytes is None and CacheLayout.bytes_per_slot(cache_config):
                 needed = needed * 4 // 3  # the snapshots' quarter comes out of the budget
             budget = _default_cache_bytes(self.device, needed)
         layout = CacheLayout.plan(
-            self.config, kv_dtype, budget, args.max_num_seqs, self.max_model_len, args.block_size, snapshot_bytes
+            cache_config, kv_dtype, budget, args.max_num_seqs, self.max_model_len, args.block_size, snapshot_bytes
         )
-        self.cache = HybridCache(self.config, layout, kv_dtype, self.device)
+        self.cache = HybridCache(cache_config, layout, kv_dtype, self.device)
         self.eos_token_ids = sorted({*self.config.eos_token_ids, *eos_token_ids})
         # the chat formats end every message with their EOS token: where a later turn may depart from this one
         self.prefix_cache = (
@@ -156,7 +168,10 @@ class LLMEngine:
             self.prefix_cache,
         )
         self.sampler = Sampler(self.eos_token_ids, seed=args.seed)
-        self.decode_graph = None if args.enforce_eager else DecodeGraph(self.model, self.cache)
+        self.decode_graph = None if eager else DecodeGraph(self.model, self.cache)
+        if workers is not None:
+            workers.build_cache(layout, kv_dtype, self.prefix_cache is not None)
+            self.cache.journal.entries = []  # the copies the workers are to repeat
         self.requests: dict[str, _Request] = {}
         self._tokenizer_json: str | None = None  # what structured outputs compile against, when given
         self._grammars: GrammarCompiler | None = None
@@ -178,11 +193,21 @@ class LLMEngine:
         args, rest = EngineArgs.split(kwargs)
         if rest:
             raise TypeError(f"unknown engine argument(s): {', '.join(sorted(rest))}")
+        if args.tensor_parallel_size > 1:
+            from mmx.parallel.launch import load_parallel
+
+            model, workers = load_parallel(resolve_model_path(path), args)
+            try:
+                return cls(model, args, eos_token_ids, workers=workers)
+            except BaseException:
+                workers.close()
+                raise
         model = load_model(
             resolve_model_path(path),
             dtype=args.dtype,
             device=args.device,
             allow_non_finite_weights=args.allow_non_finite_weights,
+            quantization=args.quantization,
         )
         return cls(model, args, eos_token_ids)
 
@@ -301,6 +326,11 @@ class LLMEngine:
             if self.decode_graph.failed is None:
                 logger.info("decode graphs ready in %.1f s", seconds)
 
+    def shutdown(self) -> None:
+        """Stop the workers of a tensor-parallel engine (also done at exit); the engine cannot step afterwards."""
+        if self.workers is not None:
+            self.workers.close()
+
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
 
@@ -318,13 +348,21 @@ class LLMEngine:
         prefix = self.prefix_cache
         captures = prefix.plan_captures(plan.prefill) if prefix is not None else []
         snapshots = prefix.states if prefix is not None else None
+        if self.workers is not None:
+            self.workers.step(self.cache.journal.drain(), plan.decode, plan.prefill, captures)
         batch = PagedBatch(self.cache, plan.decode, plan.prefill, self.device, captures, snapshots)
         ids = torch.tensor([batch.token_ids], dtype=torch.long, device=self.device)
         hidden = self.model.model(ids, batch.positions_tensor, cache=batch)
         self._score_prompts(batch, hidden[0])
         if not batch.sampled:
             return []
-        return self._picks(self.model.compute_logits(hidden[0, batch.sample_rows]), batch.sampled)
+        return self._picks(self._logits(hidden[0, batch.sample_rows]), batch.sampled)
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM head, with the workers when the vocabulary is split over them."""
+        if self.workers is not None:
+            return self.workers.logits(self.model, hidden)
+        return self.model.compute_logits(hidden)
 
     def _picks(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[tuple[Sequence, int, Any]]:
         picks = self._sample(logits, seqs)
@@ -376,7 +414,7 @@ class LLMEngine:
             request = self.requests.get(seq.request_id)
             return request.prompt_scores if request is not None else None
 
-        score(self.model.compute_logits, hidden, plan_jobs(batch.spans, scores_of), self.config.vocab_size)
+        score(self._logits, hidden, plan_jobs(batch.spans, scores_of), self.config.vocab_size)
 
     def step(self) -> list[RequestOutput]:
         """Run one forward over the scheduled tokens; return outputs of the requests that changed."""

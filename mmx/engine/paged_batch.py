@@ -49,7 +49,7 @@ class PagedBatch:
         self.spans = list(zip(seqs, starts, lengths, offsets))
         # rows of the hidden state whose next token is sampled: the last fed token of sequences fed to their end
         # (a prefill-only request, max_tokens 0, samples nothing)
-        ends = [a + n == seq.num_tokens and seq.params.max_tokens != 0 for seq, a, n in zip(seqs, starts, lengths)]
+        ends = [a + n == seq.num_tokens and seq.samples_at_end for seq, a, n in zip(seqs, starts, lengths)]
         self.sample_rows = [offsets[i + 1] - 1 for i, end in enumerate(ends) if end]
         self.sampled = [seq for seq, end in zip(seqs, ends) if end]
         long = dict(dtype=torch.long, device=device)

@@ -161,13 +161,7 @@ class PrefixCache:
             row = self._snapshots[hit.snapshot]
             self._snapshots.move_to_end(hit.snapshot)
             cache.grow(seq, 0)  # a slot, no blocks yet
-            for layer, pool in cache.states.items():
-                pool[seq.slot] = self.states[layer][row]
-            if rows:
-                block = cache.append_block(seq)
-                for layer in cache.keys:
-                    cache.keys[layer][block, :rows] = self.tail_keys[layer][row, :rows]
-                    cache.values[layer][block, :rows] = self.tail_values[layer][row, :rows]
+            self.restore(row, seq.slot, cache.append_block(seq) if rows else None, rows)
         seq.num_computed_tokens = hit.num_tokens
         return hit.num_tokens
 
@@ -255,8 +249,7 @@ class PrefixCache:
         row = self._free_row()
         if row is None:
             return
-        for layer, pool in self.cache.states.items():
-            self.states[layer][row] = pool[seq.slot]
+        self.save_states(seq.slot, row)
         self._keep(seq, position, row)
 
     def _keep(self, seq: Sequence, position: int, row: int) -> None:
@@ -272,13 +265,34 @@ class PrefixCache:
             self._snapshots.move_to_end(key)
             return
         if tail:
-            block = seq.block_table[full]
-            for layer in self.cache.keys:
-                self.tail_keys[layer][row, : len(tail)] = self.cache.keys[layer][block, : len(tail)]
-                self.tail_values[layer][row, : len(tail)] = self.cache.values[layer][block, : len(tail)]
+            self.save_tail(seq.block_table[full], row, len(tail))
         self._snapshots[key] = row
         self._by_parent.setdefault(parent, {})[tail] = row
         self.stats.snapshots_taken += 1
+
+    # ------------------------------------------------------------------ copies (journaled for tensor-parallel workers)
+    def restore(self, row: int, slot: int, block: int | None, rows: int) -> None:
+        """Snapshot ``row`` into state ``slot``, and its partial block's first ``rows`` K/V rows into ``block``."""
+        self.cache.journal.record("prefix", "restore", row, slot, block, rows)
+        for layer, pool in self.cache.states.items():
+            pool[slot] = self.states[layer][row]
+        if block is not None:
+            for layer in self.cache.keys:
+                self.cache.keys[layer][block, :rows] = self.tail_keys[layer][row, :rows]
+                self.cache.values[layer][block, :rows] = self.tail_values[layer][row, :rows]
+
+    def save_states(self, slot: int, row: int) -> None:
+        """The lightning states of ``slot`` into snapshot ``row``."""
+        self.cache.journal.record("prefix", "save_states", slot, row)
+        for layer, pool in self.cache.states.items():
+            self.states[layer][row] = pool[slot]
+
+    def save_tail(self, block: int, row: int, num_tokens: int) -> None:
+        """The first ``num_tokens`` K/V rows of ``block`` beside snapshot ``row``."""
+        self.cache.journal.record("prefix", "save_tail", block, row, num_tokens)
+        for layer in self.cache.keys:
+            self.tail_keys[layer][row, :num_tokens] = self.cache.keys[layer][block, :num_tokens]
+            self.tail_values[layer][row, :num_tokens] = self.cache.values[layer][block, :num_tokens]
 
     def _free_row(self) -> int | None:
         """A snapshot row to fill: a free one, or the least recently used one's (None: all are being filled)."""

@@ -79,6 +79,11 @@ class Sequence:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
     @property
+    def samples_at_end(self) -> bool:
+        """Whether a token is sampled once the sequence is fed to its end (not for a prefill-only request)."""
+        return self.params.max_tokens != 0
+
+    @property
     def num_pending(self) -> int:
         """Tokens not yet in the cache (all of them after a preemption)."""
         return self.num_tokens - self.num_computed_tokens

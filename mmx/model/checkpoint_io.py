@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from mmx.config import ARCH_M1, ConfigError, MiniMaxConfig, read_config_file
 from mmx.model.fp8 import FP8_DTYPES, block_size_from, dequantize_fp8, expected_scale_shape
+from mmx.model.fp8_linear import keep_fp8_modules
 from mmx.model.safetensors_io import SafetensorsReader, TensorInfo
 from mmx.utils.io import atomic_write_text, atomic_write_with
 from mmx.utils.logging import get_logger
@@ -455,20 +456,10 @@ def empty_model(model_cls: type[Model], config: MiniMaxConfig, dtype: torch.dtyp
     return model
 
 
-def load_checkpoint(
-    model_cls: type[Model],
-    path: str | os.PathLike,
-    dtype: torch.dtype | str | None = None,
-    device: str | torch.device = "cpu",
-    progress: bool | None = None,
-    allow_non_finite_weights: bool = False,
-) -> Model:
-    """Load a MiniMax checkpoint directory (official M1 / Text-01, transformers-native, or M2, FP8 included) into
-    a new ``model_cls`` built from its config.json.
-
-    ``dtype`` None means the config's ``torch_dtype``, else the stored embedding dtype. Peak memory is the model
-    plus one tensor. A weight holding NaN or Inf (as loaded, so also one that overflows ``dtype``) is an error
-    naming it, unless ``allow_non_finite_weights``."""
+def open_checkpoint(
+    path: str | os.PathLike, dtype: torch.dtype | str | None
+) -> tuple[str, MiniMaxConfig, _Headers, torch.dtype]:
+    """(directory, config, shard headers, load dtype) of a checkpoint, its config checked against its tensors."""
     directory = resolve_model_path(path)
     raw_config = read_config_file(directory)
     headers = _Headers(checkpoint_files(directory))
@@ -476,15 +467,48 @@ def load_checkpoint(
         check_layer_count(raw_config.get("num_hidden_layers"), headers)
     config = MiniMaxConfig.from_dict(raw_config)
     check_config_fits_weights(config, headers)
-    dtype = parse_dtype(dtype) or _default_dtype(config, headers)
+    return directory, config, headers, parse_dtype(dtype) or _default_dtype(config, headers)
+
+
+def load_checkpoint(
+    model_cls: type[Model],
+    path: str | os.PathLike,
+    dtype: torch.dtype | str | None = None,
+    device: str | torch.device = "cpu",
+    progress: bool | None = None,
+    allow_non_finite_weights: bool = False,
+    keep_fp8: bool = False,
+) -> Model:
+    """Load a MiniMax checkpoint directory (official M1 / Text-01, transformers-native, or M2, FP8 included) into
+    a new ``model_cls`` built from its config.json.
+
+    ``dtype`` None means the config's ``torch_dtype``, else the stored embedding dtype. Peak memory is the model
+    plus one tensor. A weight holding NaN or Inf (as loaded, so also one that overflows ``dtype``) is an error
+    naming it, unless ``allow_non_finite_weights``. FP8 weights are dequantised to ``dtype``, unless ``keep_fp8``:
+    then the decoder layers' FP8 linear maps and experts stay FP8 in memory (:mod:`mmx.model.fp8_linear`)."""
+    directory, config, headers, dtype = open_checkpoint(path, dtype)
     with torch.device("meta"):
         meta_model = model_cls(config)
     plan = _plan(config, meta_model, headers)
     if plan.skipped_mtp:
         logger.info("skipping %d multi-token-prediction (MTP) tensors: mmx runs the main model only", plan.skipped_mtp)
-    model = empty_model(model_cls, config, dtype, device)
-    destinations = dict(model.state_dict(keep_vars=True))
     block = block_size_from(config.quantization_config)
+    fp8_kept: dict[str, nn.Module] = {}
+    if keep_fp8:
+        if not plan.scales:
+            raise CheckpointError(
+                f"keep_fp8 (quantization='fp8') keeps a checkpoint's FP8 weights in FP8, but {directory} holds no "
+                "FP8 weights: load it without quantization='fp8' (or with 'int8' / 'experts_int8')"
+            )
+        # Swap the FP8 modules in while the model is still on the meta device: no dense copy is ever allocated.
+        model = empty_model(model_cls, config, dtype, "meta")
+        fp8 = [(t.name, t.expert, headers.info(k).dtype) for k, _, t in plan.entries if k in plan.scales]
+        fp8_kept = keep_fp8_modules(model, fp8, block)
+        model.to_empty(device=device)
+        model.tie_weights()
+    else:
+        model = empty_model(model_cls, config, dtype, device)
+    destinations = dict(model.state_dict(keep_vars=True))
     total_bytes = sum(headers.info(key).nbytes for key, _, _ in plan.entries)
     show = progress if progress is not None else total_bytes > 2**30
     bar = tqdm(total=total_bytes, unit="B", unit_scale=True, desc="loading weights", disable=not show)
@@ -492,22 +516,27 @@ def load_checkpoint(
     ordered = sorted(plan.entries, key=lambda e: (e[1], headers.info(e[0]).begin))
     with torch.no_grad():
         for key, file, target in ordered:
-            dest = target.view(destinations[target.name].data)
             src = headers.reader(file)
             meta = src.tensors[key]
-            if key in plan.scales:
+            if target.name in fp8_kept:
                 scale_key, scale_file = plan.scales[key]
-                value = dequantize_fp8(src.read(key), headers.reader(scale_file).read(scale_key), block, dest.dtype)
-                dest.copy_(value)
-            elif dest.device.type == "cpu" and dest.dtype == meta.dtype and dest.is_contiguous():
-                src.read(key, out=dest)
+                scale = headers.reader(scale_file).read(scale_key)
+                loaded = fp8_kept[target.name].store(target.expert, target.part, src.read(key), scale)
             else:
-                dest.copy_(src.read(key))
+                loaded = dest = target.view(destinations[target.name].data)
+                if key in plan.scales:
+                    scale_key, scale_file = plan.scales[key]
+                    scale = headers.reader(scale_file).read(scale_key)
+                    dest.copy_(dequantize_fp8(src.read(key), scale, block, dest.dtype))
+                elif dest.device.type == "cpu" and dest.dtype == meta.dtype and dest.is_contiguous():
+                    src.read(key, out=dest)
+                else:
+                    dest.copy_(src.read(key))
             if not allow_non_finite_weights:
-                check_finite(key, file, dest, meta.dtype)
+                check_finite(key, file, loaded, meta.dtype)
             bar.update(meta.nbytes)
     bar.close()
-    if config.quantization_config:
+    if config.quantization_config and not fp8_kept:
         # The weights are dense now; a re-save must not claim they are quantised.
         config.quantization_config = None
     config.torch_dtype = str(dtype).replace("torch.", "")

@@ -26,14 +26,20 @@ def expected_scale_shape(weight_shape: tuple[int, ...], block: tuple[int, int]) 
 def dequantize_fp8(
     weight: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int], dtype: torch.dtype
 ) -> torch.Tensor:
-    """Dequantise a 2-D FP8 weight with its per-block scales; the last blocks may be partial."""
-    rows, cols = weight.shape
-    if tuple(scale_inv.shape) != expected_scale_shape((rows, cols), block):
+    """Dequantise an FP8 weight [..., rows, cols] with its per-block scales [..., row blocks, column blocks]; the
+    last blocks may be partial. Leading dimensions (stacked experts) pair up one to one.
+
+    Loading (dense) and :mod:`mmx.model.fp8_linear` (FP8 kept in memory) both call this, so the two give the same
+    weights bit for bit: the product is formed in float32, then rounded once to ``dtype``."""
+    rows, cols = weight.shape[-2:]
+    expected = (*weight.shape[:-2], *expected_scale_shape((rows, cols), block))
+    if tuple(scale_inv.shape) != expected:
         raise ValueError(
             f"weight_scale_inv of shape {tuple(scale_inv.shape)} does not tile a {rows}x{cols} weight "
             f"in {block[0]}x{block[1]} blocks"
         )
-    scale = scale_inv.float().repeat_interleave(block[0], dim=0)[:rows].repeat_interleave(block[1], dim=1)[:, :cols]
+    scale = scale_inv.float().repeat_interleave(block[0], dim=-2)[..., :rows, :]
+    scale = scale.repeat_interleave(block[1], dim=-1)[..., :cols]
     return (weight.float() * scale).to(dtype)
 
 

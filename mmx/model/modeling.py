@@ -16,7 +16,7 @@ from mmx.model.attention import SoftmaxAttention
 from mmx.model.cache import AttentionCache
 from mmx.model.checkpoint_io import load_checkpoint, save_model
 from mmx.model.lightning import LightningAttention
-from mmx.model.linear import Linear, project
+from mmx.model.linear import Linear
 from mmx.model.moe import SparseMoeBlock
 from mmx.model.norm import RMSNorm
 from mmx.model.params import parameter_counts
@@ -131,8 +131,7 @@ class MiniMaxForCausalLM(nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """LM head; logits come back in float32 (in the head weight's dtype before that: bf16 unless the head was
         loaded in float32, which M1's report recommends for RL)."""
-        weight = self.lm_head.weight
-        return project(hidden.to(weight.dtype), weight).float()
+        return self.lm_head(hidden.to(self.lm_head.weight.dtype)).float()  # a sharded head gathers its vocabulary
 
     def _check_ids(self, input_ids: torch.Tensor) -> None:
         if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):

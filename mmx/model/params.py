@@ -26,7 +26,7 @@ def parameter_counts(model: nn.Module) -> dict[str, int]:
     for name, buf in model.named_buffers():
         if name.endswith("e_score_correction_bias"):
             total += buf.numel()
-        elif name.endswith("qweight"):  # an int8-quantised weight (mmx.model.quantization): still the parameters
+        elif name.endswith("qweight"):  # an int8 or kept-FP8 weight (quantization, fp8_linear): still the parameters
             total += buf.numel()
             if ".mlp.experts." in name:
                 experts += buf.numel()
@@ -40,6 +40,13 @@ def parameter_counts(model: nn.Module) -> dict[str, int]:
         "embedding": embedding,
         "experts": experts,
     }
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes held by the model's parameters and buffers (quantised weights and their scales included), each tensor
+    once (a tied LM head shares the embedding's)."""
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def format_count(n: int) -> str:

@@ -1,9 +1,13 @@
-"""int8 weight-only quantisation for CPU inference (the engine's ``quantization="int8"``).
+"""Weight quantisation schemes (the engine's ``quantization``), applied in place after loading.
 
-Every linear map inside the decoder layers (softmax-attention and lightning projections, the MoE experts) keeps its
-weight as symmetric per-output-channel int8: W ~= q * scale[row], q in [-127, 127]. Embeddings, norms, the router
-(its fp32 scores pick the experts) and the LM head stay in full precision. Applied in place after loading; each
-quantised layer then holds only its int8 weight and one scale per output channel.
+- ``"int8"`` (CPU inference): every linear map inside the decoder layers (softmax-attention and lightning
+  projections, the MoE experts) keeps its weight as symmetric per-output-channel int8: W ~= q * scale[row],
+  q in [-127, 127]. Embeddings, norms, the router (its fp32 scores pick the experts) and the LM head stay in full
+  precision. Each quantised layer then holds only its int8 weight and one scale per output channel.
+- ``"experts_int8"`` (vLLM's name; for MiniMax-M1 / Text-01, whose experts are almost all of the weights): the same
+  int8 for the MoE experts only; attention projections, embeddings, router and LM head keep the model dtype.
+- ``"fp8"``: a block-scaled FP8 checkpoint (MiniMax-M2) keeps its FP8 weights in memory. That happens while loading
+  (:mod:`mmx.model.fp8_linear`), so here it is only checked: a model holding no FP8 modules is an error.
 
 The matmul is torch's ``_weight_int8pack_mm``: int8 weight, bf16 / fp16 activations and scales, fp32 accumulation,
 the result rounded to the activation dtype. Its float32 variant is scalar code (8-40x slower than an fp32
@@ -23,6 +27,7 @@ from torch import nn
 
 from mmx.engine.args import QUANTIZATION_METHODS
 from mmx.model.activation import activation
+from mmx.model.fp8_linear import holds_fp8
 from mmx.model.linear import dot_rows, streams_rows
 from mmx.model.moe import Experts, combine_per_expert, mix_experts
 from mmx.utils.logging import get_logger
@@ -177,7 +182,8 @@ def _(x, ids, weights, gate_up_qweight, gate_up_scale, down_qweight, down_scale,
 
 
 def is_quantized(model: nn.Module) -> bool:
-    return any(isinstance(m, Int8Linear | Int8Experts) for m in model.modules())
+    """Whether any weight is held in a quantised form (int8 or FP8), which checkpoints do not store."""
+    return holds_fp8(model) or any(isinstance(m, Int8Linear | Int8Experts) for m in model.modules())
 
 
 @dataclass(frozen=True)
@@ -198,13 +204,24 @@ def _bytes(*tensors: torch.Tensor) -> int:
 @torch.no_grad()
 def quantize_model(model: nn.Module, method: str | None) -> QuantizationReport | None:
     """Quantise ``model``'s decoder layers in place (None: leave it as is). Layers already quantised are left alone,
-    so calling it twice is harmless; the report counts what this call replaced."""
+    so calling it twice is harmless; the report counts what this call replaced. "fp8" replaces nothing: it checks
+    that the model was loaded with its FP8 weights kept."""
     if check_quantization(method) is None:
         return None
+    if method == "fp8":
+        if not holds_fp8(model):
+            raise ValueError(
+                "quantization='fp8' keeps a block-scaled FP8 checkpoint's weights in FP8 as it loads, and this model "
+                "holds no FP8 weights: load it with load_model(path, quantization='fp8') (or "
+                "LLMEngine.from_pretrained(path, quantization='fp8')) from an FP8 checkpoint, or use 'int8' / "
+                "'experts_int8' to quantise a model already in memory"
+            )
+        return QuantizationReport(0, 0, 0)
+    experts_only = method == "experts_int8"
     layers = before = after = 0
     for parent in list(model.model.layers.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear):
+            if isinstance(child, nn.Linear) and not experts_only:
                 new: nn.Module = Int8Linear.from_linear(child)
                 old_bytes, new_bytes = _bytes(child.weight), _bytes(new.qweight, new.weight_scale)
             elif isinstance(child, Experts):
@@ -217,5 +234,7 @@ def quantize_model(model: nn.Module, method: str | None) -> QuantizationReport |
             layers, before, after = layers + 1, before + old_bytes, after + new_bytes
     report = QuantizationReport(layers, before, after)
     if layers:
-        logger.info("quantised %d layers to int8: weights %.1f MB -> %.1f MB", layers, before / 1e6, after / 1e6)
+        logger.info(
+            "quantised %d layers to int8 (%s): weights %.1f MB -> %.1f MB", layers, method, before / 1e6, after / 1e6
+        )
     return report

@@ -10,8 +10,10 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import mmap
 import os
 import struct
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -145,3 +147,19 @@ class SafetensorsReader:
                         raise SafetensorsError(f"{self.path}: unexpected end of file reading {name!r}")
                     filled += n
         return out
+
+    def read_slice(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
+        """``read(name).narrow(dim, start, stop - start)``, reading only that part's pages (the file is mapped, not
+        read whole): a rank of a sharded model loads its slices without ever holding the full tensor."""
+        info = self.tensors[name]
+        if not (0 <= dim < len(info.shape) and 0 <= start <= stop <= info.shape[dim]):
+            raise ValueError(f"cannot take [{start}, {stop}) of dimension {dim} of {name!r} {list(info.shape)}")
+        if not info.nbytes or start == stop:
+            return torch.empty(info.shape, dtype=info.dtype).narrow(dim, start, stop - start).contiguous()
+        with open(self.path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+            with warnings.catch_warnings():  # the mapping is read-only, and is copied out of before it closes
+                warnings.simplefilter("ignore", UserWarning)
+                whole = torch.frombuffer(mapped, dtype=torch.uint8, count=info.nbytes, offset=info.begin)
+            piece = whole.view(info.dtype).view(info.shape).narrow(dim, start, stop - start).clone()
+            del whole  # no view of the mapping may outlive it
+        return piece

@@ -33,7 +33,11 @@ from mmx.model.checkpoint_io import (
     save_model,
 )
 from mmx.model.modeling import MiniMaxForCausalLM
-from mmx.model.quantization import quantize_model
+from mmx.model.params import weight_bytes
+from mmx.model.quantization import check_quantization, quantize_model
+from mmx.utils.logging import get_logger
+
+logger = get_logger(__name__)
 
 __all__ = [
     "DERIVED_SUFFIXES",
@@ -73,7 +77,9 @@ def load_model(
 
     ``dtype`` None means the config's ``torch_dtype``, else the stored embedding dtype. Peak memory is the model
     plus one tensor. A weight holding NaN or Inf is an error naming it, unless ``allow_non_finite_weights``.
-    ``quantization`` "int8" then quantises the decoder layers in place (:mod:`mmx.model.quantization`)."""
+    ``quantization`` "int8" / "experts_int8" then quantises the decoder layers (or only their experts) in place
+    (:mod:`mmx.model.quantization`); "fp8" keeps an FP8 checkpoint's weights FP8 in memory as they load (an error for
+    a checkpoint without FP8 weights)."""
     model = load_checkpoint(
         MiniMaxForCausalLM,
         path,
@@ -81,6 +87,8 @@ def load_model(
         device=device,
         progress=progress,
         allow_non_finite_weights=allow_non_finite_weights,
+        keep_fp8=check_quantization(quantization) == "fp8",
     )
     quantize_model(model, quantization)
+    logger.info("model weights in memory: %.1f MB (quantization: %s)", weight_bytes(model) / 1e6, quantization)
     return model
