@@ -180,17 +180,18 @@ def test_unfit_sizes_are_refused():
 
 
 # ---------------------------------------------------------------------------------------------------- server
-def test_served_sharded_model_answers_like_one_process(tmp_path, tiny_tokenizer):
-    """`mmx serve --tensor-parallel-size 2 --enable-expert-parallel` through the openai SDK: the same greedy tokens
+@pytest.mark.parametrize(("model", "flags"), [("m2", ["--enable-expert-parallel"]), ("hybrid", [])])
+def test_served_sharded_model_answers_like_one_process(tmp_path, tiny_tokenizer, model, flags):
+    """`mmx serve --tensor-parallel-size 2` (expert parallel for M2) through the openai SDK: the same greedy tokens
     and log-probs as one process."""
     openai = pytest.importorskip("openai")
     from tests.helpers import serve
 
-    preset, overrides = MODELS["m2"]
+    preset, overrides = MODELS[model]
     tiny_model(preset, **overrides).save_pretrained(tmp_path)
     tiny_tokenizer.save_pretrained(tmp_path)
     (expected,) = _generate(str(tmp_path), [PROMPTS[0]], SamplingParams(max_tokens=8, temperature=0, logprobs=0))
-    with serve(str(tmp_path), "--tensor-parallel-size", "2", "--enable-expert-parallel") as url:
+    with serve(str(tmp_path), "--tensor-parallel-size", "2", *flags) as url:
         client = openai.OpenAI(base_url=url + "/v1", api_key="none")
         reply = client.completions.create(
             model=tmp_path.name, prompt=PROMPTS[0], max_tokens=8, temperature=0, logprobs=0,
@@ -231,3 +232,30 @@ def test_fp8_split_through_scale_blocks_is_refused(tmp_path):
     _fp8_checkpoint(tmp_path)  # 128 x 128 blocks; each rank's 100 expert rows would cut one
     with pytest.raises(ValueError, match="cut through 128-wide FP8 scale blocks"):
         load_shard(str(tmp_path), ParallelGroup(0, 2), keep_fp8=True)
+
+
+def test_torchrun_ranks_serve_the_driver(tmp_path, tiny_tokenizer):
+    """Under torchrun the engine uses the ranks torchrun started (rank 0 runs the program, the others serve it):
+    `mmx generate` prints what one process prints."""
+    import shutil
+    import subprocess
+    import sys
+
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    if torchrun is None:
+        pytest.skip("torchrun is not installed beside this interpreter")
+    preset, overrides = MODELS["hybrid"]
+    tiny_model(preset, **overrides).save_pretrained(tmp_path)
+    tiny_tokenizer.save_pretrained(tmp_path)
+    flags = ["generate", str(tmp_path), "--prompt", "The quick brown fox", "--max-tokens", "8", "--temperature", "0", "--max-model-len",
+             "128", "--cache-memory-gb", "0.01", "--json"]  # fmt: skip
+    env = {**os.environ, "MMX_LOG_LEVEL": "WARNING", "PYTHONPATH": os.getcwd()}
+
+    def run(command: list[str]) -> str:
+        done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout
+
+    one = run([sys.executable, "-m", "mmx.cli.main", *flags])
+    two = run([torchrun, "--nproc-per-node", "2", "-m", "mmx.cli.main", *flags, "--tensor-parallel-size", "2"])
+    assert [json.loads(line) for line in two.splitlines()] == [json.loads(line) for line in one.splitlines()]

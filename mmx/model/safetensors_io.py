@@ -10,10 +10,8 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import mmap
 import os
 import struct
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -149,17 +147,26 @@ class SafetensorsReader:
         return out
 
     def read_slice(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
-        """``read(name).narrow(dim, start, stop - start)``, reading only that part's pages (the file is mapped, not
-        read whole): a rank of a sharded model loads its slices without ever holding the full tensor."""
+        """``read(name).narrow(dim, start, stop - start)``, reading only that part's bytes: one contiguous run per
+        index of the dimensions before ``dim``. A rank of a sharded model loads its slices this way without ever
+        holding (or mapping) the full tensor."""
         info = self.tensors[name]
-        if not (0 <= dim < len(info.shape) and 0 <= start <= stop <= info.shape[dim]):
-            raise ValueError(f"cannot take [{start}, {stop}) of dimension {dim} of {name!r} {list(info.shape)}")
-        if not info.nbytes or start == stop:
-            return torch.empty(info.shape, dtype=info.dtype).narrow(dim, start, stop - start).contiguous()
-        with open(self.path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-            with warnings.catch_warnings():  # the mapping is read-only, and is copied out of before it closes
-                warnings.simplefilter("ignore", UserWarning)
-                whole = torch.frombuffer(mapped, dtype=torch.uint8, count=info.nbytes, offset=info.begin)
-            piece = whole.view(info.dtype).view(info.shape).narrow(dim, start, stop - start).clone()
-            del whole  # no view of the mapping may outlive it
-        return piece
+        shape = list(info.shape)
+        if not (0 <= dim < len(shape) and 0 <= start <= stop <= shape[dim]):
+            raise ValueError(f"cannot take [{start}, {stop}) of dimension {dim} of {name!r} {shape}")
+        out = torch.empty([*shape[:dim], stop - start, *shape[dim + 1 :]], dtype=info.dtype)
+        if not out.numel():
+            return out
+        inner = math.prod(shape[dim + 1 :]) * info.dtype.itemsize
+        run, stride = (stop - start) * inner, shape[dim] * inner
+        view = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+        with open(self.path, "rb", buffering=0) as f:
+            for i in range(math.prod(shape[:dim])):
+                f.seek(info.begin + i * stride + start * inner)
+                filled = 0
+                while filled < run:
+                    n = f.readinto(view[i * run + filled : (i + 1) * run])
+                    if not n:
+                        raise SafetensorsError(f"{self.path}: unexpected end of file reading {name!r}")
+                    filled += n
+        return out

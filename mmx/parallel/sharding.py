@@ -45,8 +45,13 @@ class Cut:
         return sum(b - a for a, b in self.ranges)
 
     def take(self, full: torch.Tensor) -> torch.Tensor:
+        """This cut of ``full``, in storage of its own (a view would keep the whole tensor alive)."""
+        if full.is_meta:  # only the shape: meta-device narrow / cat would load torch's Python meta kernels (~140 MB)
+            shape = list(full.shape)
+            shape[self.dim] = self.length
+            return torch.empty(shape, dtype=full.dtype, device="meta")
         parts = [full.narrow(self.dim, a, b - a) for a, b in self.ranges]
-        return parts[0].contiguous() if len(parts) == 1 else torch.cat(parts, dim=self.dim)
+        return parts[0].clone() if len(parts) == 1 else torch.cat(parts, dim=self.dim)
 
 
 @dataclass(frozen=True)
