@@ -177,6 +177,8 @@ def test_unfit_sizes_are_refused():
         plan_cuts(config.replace(num_attention_heads=8, num_key_value_heads=8), ParallelGroup(0, 8, True))
     with pytest.raises(ValueError, match="enable_expert_parallel"):
         LLM(tiny_model("tiny-m1"), enable_expert_parallel=True)
+    with pytest.raises(ValueError, match="give a checkpoint path"):
+        LLM(tiny_model("tiny-m1"), tensor_parallel_size=2)
 
 
 # ---------------------------------------------------------------------------------------------------- server

@@ -128,6 +128,11 @@ class LLMEngine:
         self.workers = workers
         if workers is None and getattr(model, "parallel", None) is not None and model.parallel.group.size > 1:
             raise ValueError("this model is one shard of a tensor-parallel model: the engine needs its workers")
+        if workers is None and args.tensor_parallel_size > 1:
+            raise ValueError(
+                "tensor_parallel_size > 1 loads each rank's slices from a checkpoint: give a checkpoint path "
+                "(mmx.LLM(path, ...), LLMEngine.from_pretrained(path, ...)), not a model already in memory"
+            )
         quantize_model(model, args.quantization)  # in place; a no-op when None or already done
         # tensor-parallel steps run eagerly: the compiled graphs hold no collectives
         eager = args.enforce_eager or workers is not None
