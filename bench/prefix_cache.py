@@ -108,6 +108,7 @@ def measure(model, caching: bool, args, vocab: int) -> dict:
         max_num_seqs=args.sessions,
         cache_memory_gb=args.cache_gb,
         enable_prefix_caching=caching,
+        max_num_batched_tokens=args.max_num_batched_tokens,
     )
     engine.warm_up()  # the compiled decode graphs, before the clock starts (a server does the same)
     fed = count_prompt_tokens_fed(engine)
@@ -144,11 +145,13 @@ def main() -> None:
     p.add_argument("--reply-tokens", default="32", help="tokens per reply: N, or LOW-HIGH drawn per turn")
     p.add_argument("--max-model-len", type=int, default=8192)
     p.add_argument("--cache-gb", type=float, default=1.0)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens per step (the engine's default)")
     args = p.parse_args()
     print(f"machine: {machine()}\n")
     print(
         f"{args.sessions} concurrent sessions x {args.turns} turns, {args.system_tokens}-token shared system prompt, "
-        f"{args.reply_tokens}-token greedy replies, tool results of 50-200 tokens\n"
+        f"{args.reply_tokens}-token greedy replies, tool results of 50-200 tokens, "
+        f"{args.max_num_batched_tokens} tokens per step\n"
     )
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
