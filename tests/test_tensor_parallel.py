@@ -261,3 +261,26 @@ def test_torchrun_ranks_serve_the_driver(tmp_path, tiny_tokenizer):
     one = run([sys.executable, "-m", "mmx.cli.main", *flags])
     two = run([torchrun, "--nproc-per-node", "2", "-m", "mmx.cli.main", *flags, "--tensor-parallel-size", "2"])
     assert [json.loads(line) for line in two.splitlines()] == [json.loads(line) for line in one.splitlines()]
+
+
+def test_preemption_under_a_cache_for_few_sequences(checkpoint):
+    """Six sequences of 80-130 tokens over a cache of 20 blocks (per rank, its heads): sequences are preempted and
+    recomputed, the same way in both engines, and the tokens stay those of one process."""
+    from mmx.engine.cache import CacheLayout
+    from mmx.parallel.sharding import local_cache_config
+
+    config = MiniMaxConfig.from_pretrained(checkpoint)
+    prompts = [[(7 * i + j) % 500 + 3 for j in range(50 + 5 * i)] for i in range(6)]
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True, logprobs=0)
+    results = []
+    for size in (1, 2):
+        local = local_cache_config(config, size)
+        budget = 20 * CacheLayout.bytes_per_block(local, 16, torch.float32) + 6 * CacheLayout.bytes_per_slot(local)
+        llm = LLM(checkpoint, max_model_len=128, cache_memory_gb=budget / 2**30, tensor_parallel_size=size)
+        try:
+            outs = llm.generate(prompts, params, use_tqdm=False)
+            assert llm.engine.scheduler.num_preemptions > 0
+        finally:
+            llm.engine.shutdown()
+        results.append([(s.token_ids, [e.logprob for e in s.logprobs], 0) for o in outs for s in o.outputs])
+    _assert_same(results[1], results[0])

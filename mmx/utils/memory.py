@@ -41,6 +41,21 @@ def tune_allocator(threshold_bytes: int = 1 << 30) -> bool:
     return _applied
 
 
+def release_free_memory() -> bool:
+    """Collect garbage and hand the malloc heap's free memory back to the OS once (glibc; False elsewhere). For after
+    a one-time burst of allocations, such as compiling the decode graphs, which leaves tens of MB free in the heap
+    that the raised trim threshold (:func:`tune_allocator`) would otherwise keep for good."""
+    import gc
+
+    gc.collect()
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        return bool(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0))
+    except (OSError, AttributeError):
+        return False
+
+
 def lazy_zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
     """Zeros that cost memory only where written. On the CPU the tensor lives in an anonymous mapping, whose pages
     the OS commits one by one as they are first written, so a cache sized for the worst case is resident only as far
