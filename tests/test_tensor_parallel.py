@@ -87,6 +87,7 @@ def test_prompt_logprobs_sharded(checkpoint):
     """Prompt scoring calls the split LM head on prompt rows: the workers take part in those gathers too."""
     params = SamplingParams(max_tokens=2, temperature=0, prompt_logprobs=2)
     results = []
+    threads = torch.get_num_threads()
     for args in ({}, {"tensor_parallel_size": 2}):
         llm = LLM(checkpoint, max_model_len=256, cache_memory_gb=0.02, **args)
         try:
@@ -95,6 +96,7 @@ def test_prompt_logprobs_sharded(checkpoint):
             llm.engine.shutdown()
         results.append([v for e in out.prompt_logprobs[1:] for v in (e.logprob, *(lp for _, lp in e.top))])
     assert max(abs(a - b) for a, b in zip(*results, strict=True)) < 1e-4
+    assert torch.get_num_threads() == threads  # the driver's threads, shared out while sharded, come back
 
 
 # ---------------------------------------------------------------------------------------------------- loading

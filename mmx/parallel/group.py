@@ -15,8 +15,11 @@ import torch
 import torch.distributed as dist
 
 # How long a rank waits in a collective before it gives up: a rank that died leaves the others waiting otherwise
-# (a closed socket usually fails them at once; this bounds the rest).
-COLLECTIVE_TIMEOUT = timedelta(minutes=10)
+# (a closed socket usually fails them at once; this bounds the rest). Long enough for a rank still loading its
+# shard of a large checkpoint while the driver waits to send the first step.
+COLLECTIVE_TIMEOUT = timedelta(minutes=30)
+# How long the ranks mmx spawned have to meet: a fresh interpreter importing torch, not a model load.
+RENDEZVOUS_TIMEOUT = timedelta(minutes=2)
 
 
 @dataclass(frozen=True)
@@ -60,13 +63,15 @@ def init_group(rank: int, size: int, port: int | None, device: torch.device | st
                 f"not rank {rank} of {size}"
             )
         return
-    if port is not None:
-        init_method = f"tcp://127.0.0.1:{port}"
-    else:
-        init_method = f"tcp://{os.environ.get('MASTER_ADDR', '127.0.0.1')}:{os.environ['MASTER_PORT']}"
-    dist.init_process_group(
-        backend_for(device), init_method=init_method, rank=rank, world_size=size, timeout=COLLECTIVE_TIMEOUT
-    )
+    backend = backend_for(device)
+    if port is None:
+        address = f"tcp://{os.environ.get('MASTER_ADDR', '127.0.0.1')}:{os.environ['MASTER_PORT']}"
+        dist.init_process_group(backend, init_method=address, rank=rank, world_size=size, timeout=COLLECTIVE_TIMEOUT)
+        return
+    # a store of our own, so that a spawned rank that never starts fails the others in minutes, not the half hour
+    # that collectives may wait
+    store = dist.TCPStore("127.0.0.1", port, size, is_master=rank == 0, timeout=RENDEZVOUS_TIMEOUT)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=size, timeout=COLLECTIVE_TIMEOUT)
 
 
 def all_reduce(x: torch.Tensor) -> torch.Tensor:

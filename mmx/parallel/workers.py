@@ -89,10 +89,11 @@ def _threads_per_rank(size: int) -> int:
 class Workers:
     """The driver's handle on its workers."""
 
-    def __init__(self, group: ParallelGroup, processes: list[subprocess.Popen]):
+    def __init__(self, group: ParallelGroup, processes: list[subprocess.Popen], threads: int | None = None):
         self.group = group
         self.processes = processes
         self.closed = False
+        self._threads = threads  # the driver's torch threads before they were shared out, restored at close
         atexit.register(self.close)
 
     @classmethod
@@ -115,8 +116,9 @@ class Workers:
             for process in processes:
                 process.kill()
             raise
-        torch.set_num_threads(_threads_per_rank(size))
-        return cls(ParallelGroup(0, size, args.enable_expert_parallel), processes)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(_threads_per_rank(size))  # the ranks share the machine's cores
+        return cls(ParallelGroup(0, size, args.enable_expert_parallel), processes, threads)
 
     def build_cache(self, layout: CacheLayout, kv_dtype: torch.dtype, prefix_caching: bool) -> None:
         _send(("cache", layout, str(kv_dtype).replace("torch.", ""), prefix_caching))
@@ -146,6 +148,8 @@ class Workers:
                     process.kill()
             if dist.is_initialized():
                 dist.destroy_process_group()
+            if self._threads is not None:
+                torch.set_num_threads(self._threads)
 
 
 # ---------------------------------------------------------------------------------------------------- worker side
