@@ -286,3 +286,36 @@ def test_preemption_under_a_cache_for_few_sequences(checkpoint):
             llm.engine.shutdown()
         results.append([(s.token_ids, [e.logprob for e in s.logprobs], 0) for o in outs for s in o.outputs])
     _assert_same(results[1], results[0])
+
+
+def test_workers_end_when_the_driver_is_killed(checkpoint):
+    """A driver killed with SIGKILL (no atexit, no stop message) takes its workers with it within seconds."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    code = (
+        "import sys, time\n"
+        "from mmx import LLM\n"
+        f"llm = LLM({checkpoint!r}, max_model_len=128, cache_memory_gb=0.01, tensor_parallel_size=2)\n"
+        "print(*(p.pid for p in llm.engine.workers.processes), flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    env = {**os.environ, "MMX_LOG_LEVEL": "WARNING", "PYTHONPATH": os.getcwd()}
+    driver = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env)
+    worker = int(driver.stdout.readline())
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    deadline = time.time() + 10
+    while time.time() < deadline and os.path.exists(f"/proc/{worker}") and "zombie" not in _state(worker):
+        time.sleep(0.2)
+    assert not os.path.exists(f"/proc/{worker}") or "zombie" in _state(worker)
+
+
+def _state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            return next(line for line in f if line.startswith("State")).lower()
+    except (OSError, StopIteration):
+        return "gone"

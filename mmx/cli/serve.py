@@ -50,15 +50,21 @@ def run(args: argparse.Namespace) -> int:
     from mmx.engine import AsyncLLM
     from mmx.llm import load_engine
     from mmx.serve import ServerState, build_app
+    from mmx.utils.threads import in_passing_thread
 
     path = resolve_model(args.model)
-    engine, tokenizer = load_engine(path, **engine_kwargs(args))
+
+    def prepare():
+        engine, tokenizer = load_engine(path, **engine_kwargs(args))
+        if engine.decode_graph is not None:
+            print("mmx: compiling the decode step (cached for later runs; --enforce-eager skips it)", flush=True)
+            engine.warm_up()
+        return engine, tokenizer
+
+    engine, tokenizer = in_passing_thread(prepare)
     if tokenizer is None:
         raise FileNotFoundError(f"{path} has no tokenizer.json; the server needs one")
     chat = chat_for(tokenizer, engine.config.architecture, args.chat_template)
-    if engine.decode_graph is not None:
-        print("mmx: compiling the decode step (cached for later runs; --enforce-eager skips it)", flush=True)
-        engine.warm_up()
     state = ServerState(
         engine=AsyncLLM(engine),
         tokenizer=tokenizer,

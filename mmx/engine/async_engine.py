@@ -1,6 +1,10 @@
 """Streaming for servers: the engine steps in a background thread, each request reads its outputs (new token ids
 per step) from an asyncio queue. Requests enter and leave (abort, client gone, a stop string found by the output
 side) between steps, so the batch changes continuously.
+
+On the CPU, load the model (and warm the engine up) on a thread that has ended before the engine thread starts
+(:func:`mmx.utils.threads.in_passing_thread`, as `mmx serve` does): a model loaded on the main thread leaves it an
+OpenMP pool, and with two pools every parallel op of the engine's steps runs 2-4x slower (see that module).
 """
 
 from __future__ import annotations

@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import argparse
 import atexit
-import contextlib
-import ctypes
 import dataclasses
 import json
 import os
-import signal
 import subprocess
 import sys
+import threading
+import time
 import traceback
 from dataclasses import dataclass
 from typing import Any
@@ -154,9 +153,17 @@ class Workers:
 
 # ---------------------------------------------------------------------------------------------------- worker side
 def _die_with_parent() -> None:
-    """Linux: get SIGTERM when the driver dies, however it dies (a daemon process is reaped only on a clean exit)."""
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    """End this worker when the driver process goes, however it goes: a daemon thread watches for this process being
+    handed to another parent. (PR_SET_PDEATHSIG would fire when the driver's *thread* that started the worker ends,
+    and the server starts its workers on a thread that ends once the model is loaded.)"""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        exit_now(1)
+
+    threading.Thread(target=watch, name="mmx-parent-watch", daemon=True).start()
 
 
 def _worker_process(rank: int, size: int, port: int, path: str, args: EngineArgs) -> None:
