@@ -319,3 +319,21 @@ def _state(pid: int) -> str:
             return next(line for line in f if line.startswith("State")).lower()
     except (OSError, StopIteration):
         return "gone"
+
+
+@pytest.mark.parametrize("expert_parallel", [False, True], ids=["tp", "ep"])
+def test_int8_experts_on_sharded_ranks(checkpoint, expert_parallel):
+    """experts_int8 quantises each rank's experts after loading. Under expert parallelism a rank holds whole experts,
+    whose per-row scales are those of one process: the same tokens. Tensor parallel splits every down projection's
+    rows, each half with its own scale (finer, not the same): the first token's log-prob stays close."""
+    params = SamplingParams(max_tokens=4, temperature=0, logprobs=0)
+    whole = _generate(checkpoint, PROMPTS[:2], params, quantization="experts_int8")
+    sharded = _generate(
+        checkpoint, PROMPTS[:2], params, quantization="experts_int8", tensor_parallel_size=2,
+        enable_expert_parallel=expert_parallel,
+    )  # fmt: skip
+    if expert_parallel:
+        assert [tokens for tokens, _, _ in sharded] == [tokens for tokens, _, _ in whole]
+    for (tokens, logprobs, _), (ref_tokens, ref_logprobs, _) in zip(sharded, whole, strict=True):
+        assert len(tokens) == 4 and tokens[0] == ref_tokens[0]
+        assert abs(logprobs[0] - ref_logprobs[0]) < 0.05

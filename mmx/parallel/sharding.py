@@ -199,13 +199,14 @@ class ExpertParallelMoe(SparseMoeBlock):
     choices), runs the pairs routed to its own experts, and the ranks' outputs are summed."""
 
     first_expert: int
+    num_local_experts: int  # (read here, not from the experts: quantisation replaces that module)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         _, weights, ids = self.gate(flat, self.e_score_correction_bias)
         local = ids - self.first_expert
-        tokens, slots = ((local >= 0) & (local < self.experts.num_experts)).nonzero(as_tuple=True)
+        tokens, slots = ((local >= 0) & (local < self.num_local_experts)).nonzero(as_tuple=True)
         out = torch.zeros_like(flat)
         if tokens.numel():
             mine = self.experts(flat[tokens], local[tokens, slots, None], weights[tokens, slots, None])
@@ -257,7 +258,7 @@ def shard_model(model: nn.Module, group: ParallelGroup) -> ShardInfo:
         if group.expert_parallel:
             moe.__class__ = ExpertParallelMoe  # same parameters, a forward that runs only the local experts
             moe.first_expert = group.span(config.num_local_experts)[0]
-            moe.experts.num_experts = config.num_local_experts // group.size
+            moe.num_local_experts = moe.experts.num_experts = config.num_local_experts // group.size
         else:
             moe.register_forward_hook(_sum_over_ranks)
     v0, v1 = group.padded_span(config.vocab_size)
