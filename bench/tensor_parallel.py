@@ -4,9 +4,11 @@
    of 2 (tensor parallel, then expert parallel); each process reports its weight bytes and its peak resident memory
    above the interpreter with torch imported (measured in the same process before loading).
 2. Decode: the tiny hybrid bench config, greedy, batch 1 and 16, one process against 2 ranks (gloo), alternating.
+3. Latency of one gloo all-reduce of a [1, 256] float32 tensor between 2 processes (what each collective of a
+   sharded decode step waits).
 
     python bench/tensor_parallel.py
-    python bench/tensor_parallel.py --skip-load    # decode only
+    python bench/tensor_parallel.py --skip-load --skip-decode    # the all-reduce latency only
 """
 
 from __future__ import annotations
@@ -80,6 +82,35 @@ def measure_load(path: str) -> list[list]:
     return rows
 
 
+ALL_REDUCE = """
+import sys, time, torch, torch.distributed as dist
+rank, port = int(sys.argv[1]), sys.argv[2]
+torch.set_num_threads(1)
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+x = torch.zeros(1, 256)
+for _ in range(100): dist.all_reduce(x)
+t = time.perf_counter()
+for _ in range(1000): dist.all_reduce(x)
+if rank == 0: print((time.perf_counter() - t) / 1000 * 1e6)
+dist.destroy_process_group()
+"""
+
+
+def all_reduce_us() -> float:
+    from mmx.parallel.group import free_port
+
+    port = str(free_port())
+    other = subprocess.Popen([sys.executable, "-c", ALL_REDUCE, "1", port])
+    out = subprocess.run([sys.executable, "-c", ALL_REDUCE, "0", port], capture_output=True, text=True, check=True)
+    other.wait()
+    return float(out.stdout.strip())
+
+
+def report_all_reduce(repeats: int) -> None:
+    runs = [all_reduce_us() for _ in range(repeats)]
+    print(f"gloo all-reduce of [1, 256] float32, 2 processes: {statistics.median(runs):.0f} us (median of {repeats})")
+
+
 def decode_rate(path: str, batch: int, tp: int, steps: int) -> float:
     llm = LLM(path, max_model_len=512, cache_memory_gb=0.1, tensor_parallel_size=tp, enforce_eager=True)
     try:
@@ -96,6 +127,7 @@ def decode_rate(path: str, batch: int, tp: int, steps: int) -> float:
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--skip-load", action="store_true")
+    p.add_argument("--skip-decode", action="store_true")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--steps", type=int, default=64)
     args = p.parse_args()
@@ -106,6 +138,9 @@ def main() -> None:
             print("loading a 0.5B-parameter M2-shaped bf16 checkpoint (MiB; peak resident memory above python+torch)")
             print(table(["load", "rank", "weights held", "peak RSS", "peak / weights"], measure_load(path)))
             print()
+        if args.skip_decode:
+            report_all_reduce(args.repeats)
+            return
         config = MiniMaxConfig.from_dict(tiny_hybrid_config())
         hybrid = os.path.join(tmp, "hybrid")
         MiniMaxForCausalLM(config).init_weights(seed=0).save_pretrained(hybrid)
@@ -119,6 +154,8 @@ def main() -> None:
             rows.append([batch, f"{one:.0f}", f"{two:.0f}", f"{two / one:.2f}x"])
         print("decode, tiny hybrid M1 bench config, fp32, eager, tokens/s (median of alternating runs)")
         print(table(["batch", "one process", "2 ranks (gloo)", "2 ranks / one"], rows))
+        print()
+        report_all_reduce(args.repeats)
 
 
 if __name__ == "__main__":

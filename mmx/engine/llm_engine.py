@@ -329,7 +329,7 @@ class LLMEngine:
         """Compile the decode graphs now (a server does this before taking requests); a no-op when eager."""
         if self.decode_graph is not None and not self.requests:
             seconds = self.decode_graph.warm_up(self.args.max_num_seqs, self.max_model_len)
-            release_free_memory()  # the compiler's garbage: ~50 MB of mmx-tiny's server
+            release_free_memory()  # the compiler's garbage, left free in the heap
             if self.decode_graph.failed is None:
                 logger.info("decode graphs ready in %.1f s", seconds)
 

@@ -78,28 +78,16 @@ class _SliceReader:
         return reader.read_slice(key, dim, start, stop), scale.narrow(dim, first, last - first)
 
 
-def _expert_part(target: Target, cut: Cut | None, local: torch.Tensor, inter: int):
-    """(destination view, dim, start, stop) for one expert's gate / up / down matrix; None when another rank holds
-    that expert. ``local`` is this rank's stacked tensor ([E or E/N, 2I or 2I/N, D] / [.., D, I or I/N])."""
-    expert = target.expert
-    if cut is not None and cut.dim == 0:  # expert parallel: whole experts
-        first, last = cut.ranges[0]
-        if not first <= expert < last:
-            return None
-        expert -= first
-        cut = None
-    matrix = local[expert]
-    if target.part in ("gate", "up"):
-        half = matrix.shape[0] // 2
-        dest = matrix[:half] if target.part == "gate" else matrix[half:]
-        if cut is None:
-            return dest, None, 0, 0
-        a, b = cut.ranges[0]  # the gate rows; the up rows are the same range shifted by the intermediate size
-        return dest, 0, a, b
-    if cut is None:
-        return matrix, None, 0, 0
-    a, b = cut.ranges[0]
-    return matrix, 1, a, b
+def _expert_slice(target: Target, cut: Cut | None) -> tuple[int, int | None, int, int] | None:
+    """For one expert's stored gate / up / down matrix: (this rank's index of the expert, dimension of the matrix to
+    slice or None for all of it, start, stop); None when another rank holds that expert."""
+    expert = _local_expert(target, cut)
+    if expert is None:
+        return None
+    if cut is None or cut.dim == 0:  # replicated, or expert parallel: the whole matrix
+        return expert, None, 0, 0
+    start, stop = cut.ranges[0]  # gate and up rows (each its own matrix in the checkpoint), down columns
+    return expert, 1 if target.part == "down" else 0, start, stop
 
 
 def load_shard(
@@ -128,7 +116,6 @@ def load_shard(
     model.tie_weights()
     destinations = dict(model.state_dict(keep_vars=True))
     reader = _SliceReader(headers, plan.scales, block)
-    inter = config.intermediate_size
     ordered = sorted(plan.entries, key=lambda e: (e[1], headers.info(e[0]).begin))
     with torch.no_grad():
         for key, file, target in ordered:
@@ -138,10 +125,11 @@ def load_shard(
                 continue
             local = destinations[target.name].data
             if target.expert is not None:
-                found = _expert_part(target, cut, local, inter)
+                found = _expert_slice(target, cut)
                 if found is None:
                     continue
-                dest, dim, a, b = found
+                expert, dim, a, b = found
+                dest = Target(target.name, expert, target.part).view(local)
                 value = reader.read(key, file, dim, a, b, dest.dtype)
             elif cut is None:
                 dest, value = local, reader.read(key, file, None, 0, 0, local.dtype)
@@ -184,13 +172,12 @@ def _local_fp8_entries(plan, cuts: dict[str, Cut], headers: _Headers) -> list[tu
 
 def _store_fp8(module, reader: _SliceReader, key: str, file: str, target: Target, cut: Cut | None) -> None:
     """This rank's part of an FP8 checkpoint tensor into an FP8 module, with its blocks' factors."""
-    expert, dim, start, stop = target.expert, None, 0, 0
+    expert, dim, start, stop = None, None, 0, 0
     if target.expert is not None:
-        expert = _local_expert(target, cut)
-        if expert is None:
+        found = _expert_slice(target, cut)
+        if found is None:
             return
-        if cut is not None and cut.dim != 0:  # a slice of every expert: gate / up rows, down columns
-            (start, stop), dim = cut.ranges[0], 1 if target.part == "down" else 0
+        expert, dim, start, stop = found
     elif cut is not None:
         (start, stop), dim = cut.ranges[0], cut.dim
     q, scale = reader.read_fp8(key, file, dim, start, stop)

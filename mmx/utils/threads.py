@@ -1,12 +1,12 @@
 """Keeping torch's CPU parallelism on one thread.
 
 torch's CPU wheels parallelise ops with GNU OpenMP, which gives every thread that starts a parallel region a pool
-of worker threads of its own, kept until that thread exits. Once two threads hold pools, the process has more
-OpenMP threads than cores and libgomp stops letting its workers spin between regions: each parallel op then pays
-for waking them (measured on 2 cores: an add of 200K floats, 16 us on the first thread to use OpenMP, 65 us on a
-second one; a decode step of the 16M M2 through the engine, 12.5 ms against 29 ms). A server that loads its model
-on the main thread and steps the engine on another (mmx.engine.AsyncLLM) would be in that case, so it loads on a
-thread that exits first, leaving the engine's thread the only one with a pool.
+of worker threads of its own, kept until that thread exits. Once two threads hold pools, each parallel op on the
+second one costs several times more (bench/cpu_threads.py, 2 cores: an add of 200K floats, 13 us on the first
+thread to use OpenMP and 44 us on a second; an engine decode step of the tiny M2 at batch 16, 11.9 ms and 26.1 ms).
+Where inside libgomp the time goes was not pinned down: GOMP_SPINCOUNT and OMP_WAIT_POLICY did not change it. A
+server that loads its model on the main thread and steps the engine on another (mmx.engine.AsyncLLM) would be in
+that case, so it loads on a thread that exits first, leaving the engine's thread the only one with a pool.
 """
 
 from __future__ import annotations
