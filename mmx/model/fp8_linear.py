@@ -20,13 +20,12 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mmx.model.activation import activation
 from mmx.model.fp8 import dequantize_fp8, expected_scale_shape
 from mmx.model.linear import project
-from mmx.model.moe import GROUPED_MAX_PAIRS, Experts, combine_per_expert, grouped_moe
+from mmx.model.moe import GROUPED_MAX_PAIRS, Experts, combine_per_expert, experts_pay_onednn, grouped_moe, swiglu
 from mmx.utils.logging import get_logger
 
 logger = get_logger(__name__)
@@ -175,7 +174,9 @@ def fp8_moe(
     """The experts' outputs, mixed, the way :class:`Experts` picks its path: few (token, expert) pairs take the
     grouped GEMM over the chosen experts only, dequantised together; more take the per-expert loop, dequantising
     each expert as its turn comes. The routing (``ids``) is used as given, so it stays exact."""
-    if ids.numel() <= GROUPED_MAX_PAIRS and _grouped_ok(x, down_qweight):
+    num_experts = gate_up_qweight.shape[0]
+    grouped = ids.numel() <= GROUPED_MAX_PAIRS and _grouped_ok(x, down_qweight)
+    if grouped and not experts_pay_onednn(x, ids, num_experts, gate_up_qweight[0].numel()):
         # unique() is sorted, so the local ids keep the experts' order and the grouped GEMM sums as Experts does
         chosen, local = ids.unique(return_inverse=True)
         gate_up = _dequantize_gate_up(gate_up_qweight[chosen], gate_up_scale_inv[chosen], block, x.dtype)
@@ -184,11 +185,10 @@ def fp8_moe(
 
     def ffn(expert: int, rows: torch.Tensor) -> torch.Tensor:
         gate_up = _dequantize_gate_up(gate_up_qweight[expert], gate_up_scale_inv[expert], block, rows.dtype)
-        gate, up = F.linear(rows, gate_up).chunk(2, dim=-1)
         down = dequantize_fp8(down_qweight[expert], down_scale_inv[expert], block, rows.dtype)
-        return F.linear(act(gate) * up, down)
+        return swiglu(rows, gate_up, down, act)
 
-    return combine_per_expert(x, ids, weights, gate_up_qweight.shape[0], ffn)
+    return combine_per_expert(x, ids, weights, num_experts, ffn)
 
 
 @torch.library.custom_op("mmx::fp8_experts", mutates_args=())

@@ -7,9 +7,18 @@ reads the weight once, in its natural row-major order, across all threads: 1.4-2
 one row, and 2.6-4.2x for the MoE's chosen experts (``bench/decode_gemv.py``, 1-2 threads). At 8 rows the two are
 about even; from 16 rows, and in eager code, the BLAS is used. The sum is taken in float32 whatever the weight
 dtype (bf16 and int8 weights are widened as they are read).
+
+Outside compiled graphs, float32 products on the CPU go through oneDNN's GEMM when it pays: with the same plain
+weights (row- or column-major, nothing repacked or copied) it runs 1.5-2.2x the speed of the MKL call that
+``F.linear`` makes, from 4-8 rows up to prefill sizes, on the AVX-512 CPUs measured (``bench/onednn_linear.py``),
+but each call costs ~13 us more, so small products (fewer than ONEDNN_MIN_MACS multiply-adds) stay with MKL. It has
+no backward, so anything autograd records keeps ``F.linear``; inductor lowers it only for frozen weights, so
+compiled graphs keep their own paths. ``MMX_ONEDNN_LINEAR=0`` turns it off (for A/B measurements).
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -31,12 +40,57 @@ def dot_rows(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return (x.float().unsqueeze(-2) * weight.float()).sum(-1).to(x.dtype)
 
 
+# Below this many multiply-adds per product, MKL's lower call cost wins (bench/onednn_linear.py: even at 4 x 256 x
+# 1024, MKL ahead at 16 x 384 x 192, oneDNN ahead from 8 x 256 x 1024).
+ONEDNN_MIN_MACS = 1 << 21
+
+
+def _onednn_usable() -> bool:
+    if os.environ.get("MMX_ONEDNN_LINEAR", "1") == "0" or not torch.backends.mkldnn.is_available():
+        return False
+    # measured on AVX-512 CPUs only; elsewhere MKL keeps every product
+    return torch.backends.cpu.get_cpu_capability().startswith("AVX512")
+
+
+ONEDNN_LINEAR = _onednn_usable()
+
+
+def onednn_takes(x: torch.Tensor) -> bool:
+    """Whether oneDNN can take products of ``x``: eager, float32, on the CPU, not recorded by autograd."""
+    if not ONEDNN_LINEAR or torch.compiler.is_compiling():
+        return False
+    if x.dtype != torch.float32 or x.device.type != "cpu":
+        return False
+    return not (torch.is_grad_enabled() and x.requires_grad)
+
+
+def onednn_pays(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``x @ weight.T`` goes through oneDNN (see the module's notes): :func:`onednn_takes` x, a float32
+    matrix autograd does not record, at least two rows and ONEDNN_MIN_MACS multiply-adds."""
+    if weight.dim() != 2 or weight.dtype != torch.float32 or (torch.is_grad_enabled() and weight.requires_grad):
+        return False
+    rows = x.numel() // max(x.shape[-1], 1)
+    return rows >= 2 and rows * weight.numel() >= ONEDNN_MIN_MACS and onednn_takes(x)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``, through oneDNN when :func:`onednn_pays`."""
+    if onednn_pays(x, weight):
+        return onednn_linear(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T + bias by oneDNN, with the weight as it is stored (no packing, no copy)."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
 def project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear``, as dot products when :func:`streams_rows`."""
+    """``F.linear``, as dot products when :func:`streams_rows`, through oneDNN when :func:`onednn_pays`."""
     if weight.dim() == 2 and streams_rows(x):
         out = dot_rows(x, weight)
         return out if bias is None else out + bias
-    return F.linear(x, weight, bias)
+    return linear(x, weight, bias)
 
 
 class Linear(nn.Linear):

@@ -15,7 +15,7 @@ from torch import nn
 
 from mmx.config import MiniMaxConfig
 from mmx.model.activation import activation
-from mmx.model.linear import dot_rows, streams_rows
+from mmx.model.linear import dot_rows, linear, onednn_takes, streams_rows
 
 
 class TopKRouter(nn.Module):
@@ -51,6 +51,7 @@ class TopKRouter(nn.Module):
 # per-expert loop is as fast (bench/moe_decode.py measures both; at prefill sizes they are within noise), and it is
 # also the path autograd takes, as torch's grouped GEMM has no working backward on CPU.
 GROUPED_MAX_PAIRS = 256
+EXPERTS_ONEDNN_MIN_MACS = 1 << 22
 
 
 def combine_per_expert(
@@ -78,6 +79,14 @@ def combine_per_expert(
         out.index_add_(0, token_of[rows], y.to(out.dtype))  # accumulates in the activation dtype, as transformers does
         start += count
     return out
+
+
+def swiglu(
+    x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, act: Callable[[torch.Tensor], torch.Tensor]
+) -> torch.Tensor:
+    """One expert on its rows: down( act(gate x) * up x ), with gate|up stacked [2I, D]."""
+    gate, up = linear(x, gate_up).chunk(2, dim=-1)
+    return linear(act(gate) * up, down)
 
 
 class Experts(nn.Module):
@@ -115,8 +124,7 @@ class Experts(nn.Module):
         )
 
     def expert_ffn(self, expert: int, x: torch.Tensor) -> torch.Tensor:
-        gate, up = F.linear(x, self.gate_up_proj[expert]).chunk(2, dim=-1)
-        return F.linear(self.act(gate) * up, self.down_proj[expert])
+        return swiglu(x, self.gate_up_proj[expert], self.down_proj[expert], self.act)
 
     def forward_per_expert(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         return combine_per_expert(x, ids, weights, self.num_experts, self.expert_ffn)
@@ -134,7 +142,17 @@ class Experts(nn.Module):
         return all(n * width % 16 == 0 for n in self.down_proj.shape[1:])
 
     def forward_grouped(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        if experts_pay_onednn(x, ids, self.num_experts, self.gate_up_proj[0].numel()):
+            return self.forward_per_expert(x, ids, weights)
         return grouped_moe(x, ids, weights, self.gate_up_proj, self.down_proj, self.act)
+
+
+def experts_pay_onednn(x: torch.Tensor, ids: torch.Tensor, num_experts: int, gate_up_size: int) -> bool:
+    """Whether the per-expert loop through oneDNN beats torch's grouped GEMM (which runs MKL per group): when an
+    expert's share of the rows, on average, makes a gate|up product of EXPERTS_ONEDNN_MIN_MACS multiply-adds
+    (bench/onednn_linear.py: below that the loop's own cost eats oneDNN's gain)."""
+    rows = ids.numel() // num_experts
+    return rows >= 2 and rows * gate_up_size >= EXPERTS_ONEDNN_MIN_MACS and onednn_takes(x)
 
 
 def grouped_moe(
@@ -184,7 +202,14 @@ def grouped_experts(
     down_proj: torch.Tensor,
     act_name: str,
 ) -> torch.Tensor:
-    return grouped_moe(x, ids, weights, gate_up_proj, down_proj, activation(act_name))
+    act = activation(act_name)
+    if experts_pay_onednn(x, ids, gate_up_proj.shape[0], gate_up_proj[0].numel()):
+
+        def ffn(expert: int, rows: torch.Tensor) -> torch.Tensor:
+            return swiglu(rows, gate_up_proj[expert], down_proj[expert], act)
+
+        return combine_per_expert(x, ids, weights, gate_up_proj.shape[0], ffn)
+    return grouped_moe(x, ids, weights, gate_up_proj, down_proj, act)
 
 
 @grouped_experts.register_fake

@@ -1,0 +1,92 @@
+"""oneDNN against MKL for float32 products on the CPU, the choice behind :func:`mmx.model.linear.linear`.
+
+    python bench/onednn_linear.py [--threads 2]
+
+Part 1: ``x @ W.T`` for the bench models' weight shapes at 1 to 512 rows, through ``F.linear`` (MKL) and oneDNN
+with the same plain weights, alternately, medians of 300 calls. Part 2: the MoE experts of a step (E experts,
+top-k of T tokens) as torch's grouped GEMM and as the per-expert loop through :func:`mmx.model.linear.linear`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from mmx.model.linear import ONEDNN_MIN_MACS
+from mmx.model.moe import combine_per_expert, grouped_moe, swiglu
+
+
+def median_us(fns: list[Callable[[], object]], calls: int = 300) -> list[float]:
+    """Per-call medians of each function, calls interleaved so that drift hits all alike."""
+    for f in fns:
+        for _ in range(20):
+            f()
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(calls):
+        for f, ts in zip(fns, times):
+            start = time.perf_counter()
+            f()
+            ts.append(time.perf_counter() - start)
+    return [statistics.median(ts) * 1e6 for ts in times]
+
+
+def onednn(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+
+
+def products() -> None:
+    print("| in x out | rows | MKL (us) | oneDNN (us) | MKL / oneDNN | multiply-adds >= ONEDNN_MIN_MACS |")
+    print("|---|---|---|---|---|---|")
+    for k, n in ((192, 192), (192, 768), (384, 192), (256, 256), (256, 1024), (512, 256), (256, 2048)):
+        w = torch.randn(n, k)
+        for rows in (1, 2, 4, 8, 16, 64, 512):
+            x = torch.randn(rows, k)
+            torch.testing.assert_close(onednn(x, w), F.linear(x, w), rtol=1e-4, atol=1e-4)
+            mkl, dnn = median_us([partial(F.linear, x, w), partial(onednn, x, w)])
+            big = rows * k * n >= ONEDNN_MIN_MACS
+            print(f"| {k} x {n} | {rows} | {mkl:.1f} | {dnn:.1f} | {mkl / dnn:.2f}x | {'yes' if big else 'no'} |")
+
+
+def _expert(gate_up: torch.Tensor, down: torch.Tensor, expert: int, rows: torch.Tensor) -> torch.Tensor:
+    return swiglu(rows, gate_up[expert], down[expert], F.silu)
+
+
+def experts() -> None:
+    print("\n| experts x (hidden, width), top-k | tokens | grouped GEMM (us) | per expert via linear (us) | ratio |")
+    print("|---|---|---|---|---|")
+    for e, d, i, k in ((4, 192, 384, 2), (4, 256, 512, 2), (32, 1024, 512, 4)):
+        gate_up, down = torch.randn(e, 2 * i, d) * 0.05, torch.randn(e, d, i) * 0.05
+        for tokens in (16, 32, 128, 512):
+            x = torch.randn(tokens, d)
+            ids = torch.stack([torch.randperm(e)[:k] for _ in range(tokens)])
+            weights = torch.rand(tokens, k)
+
+            loop = partial(combine_per_expert, x, ids, weights, e, partial(_expert, gate_up, down))
+            grouped = partial(grouped_moe, x, ids, weights, gate_up, down, F.silu)
+            torch.testing.assert_close(loop(), grouped(), rtol=1e-4, atol=1e-4)
+            g, lp = median_us([grouped, loop], calls=100)
+            print(f"| {e} x ({d}, {i}), top-{k} | {tokens} | {g:.0f} | {lp:.0f} | {g / lp:.2f}x |")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--threads", type=int, default=2)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    with torch.inference_mode():
+        products()
+        experts()
+
+
+if __name__ == "__main__":
+    main()

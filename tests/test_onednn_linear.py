@@ -1,0 +1,126 @@
+"""The oneDNN route for eager float32 products on the CPU (mmx.model.linear.linear): taken only where it pays
+and autograd is not recording, equal to a float64 reference to float32 rounding, and the MoE's per-expert loop
+through it equal to the grouped GEMM."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mmx.model.linear as linear_mod
+from mmx.model.linear import ONEDNN_MIN_MACS, linear, onednn_pays
+from mmx.model.moe import EXPERTS_ONEDNN_MIN_MACS, combine_per_expert, experts_pay_onednn, grouped_moe, swiglu
+
+needs_onednn = pytest.mark.skipif(not linear_mod.ONEDNN_LINEAR, reason="oneDNN route is off on this CPU")
+
+
+@pytest.fixture
+def onednn_calls(monkeypatch) -> list[tuple[int, ...]]:
+    """Shapes of the inputs oneDNN multiplied (the real call still runs)."""
+    calls: list[tuple[int, ...]] = []
+    real = linear_mod.onednn_linear
+
+    def counted(x, weight, bias=None):
+        calls.append(tuple(x.shape))
+        return real(x, weight, bias)
+
+    monkeypatch.setattr(linear_mod, "onednn_linear", counted)
+    return calls
+
+
+def _reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    out = x.double() @ weight.double().T
+    return out if bias is None else out + bias.double()
+
+
+@needs_onednn
+@pytest.mark.parametrize("column_major", [False, True])
+@pytest.mark.parametrize("shape", [(64, 256), (3, 40, 256)])
+def test_large_products_go_through_onednn_and_match_float64(onednn_calls, shape, column_major):
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(1024, 256, generator=gen)
+    if column_major:  # the eager engine's decode layout (mmx.model.layout)
+        weight = weight.T.contiguous().T
+    bias = torch.randn(1024, generator=gen)
+    x = torch.randn(*shape, generator=gen)
+    with torch.inference_mode():
+        out = linear(x, weight, bias)
+    assert onednn_calls == [shape]
+    assert out.shape == (*shape[:-1], 1024) and out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), _reference(x, weight, bias), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "why, rows, weight_dtype",
+    [
+        ("one row", 1, torch.float32),
+        ("too small", 2, torch.float32),
+        ("bf16", 64, torch.bfloat16),
+    ],
+)
+def test_small_or_non_float32_products_stay_with_f_linear(onednn_calls, why, rows, weight_dtype):
+    out_features = 1024 if why != "too small" else 64
+    weight = torch.randn(out_features, 256).to(weight_dtype)
+    x = torch.randn(rows, 256).to(weight_dtype)
+    assert rows * weight.numel() < ONEDNN_MIN_MACS or why != "too small"
+    with torch.inference_mode():
+        out = linear(x, weight)
+    assert onednn_calls == []
+    assert torch.equal(out, F.linear(x, weight))
+
+
+def test_autograd_keeps_f_linear_and_its_gradients(onednn_calls):
+    weight = torch.randn(1024, 256, requires_grad=True)
+    x = torch.randn(64, 256, requires_grad=True)
+    out = linear(x, weight)
+    out.sum().backward()
+    assert onednn_calls == []
+    assert weight.grad is not None and x.grad is not None
+    with torch.no_grad():  # the same product outside autograd may take oneDNN
+        assert onednn_pays(x, weight) == linear_mod.ONEDNN_LINEAR
+
+
+def test_switched_off_by_the_environment_flag(onednn_calls, monkeypatch):
+    monkeypatch.setattr(linear_mod, "ONEDNN_LINEAR", False)
+    with torch.inference_mode():
+        linear(torch.randn(64, 256), torch.randn(1024, 256))
+    assert onednn_calls == []
+
+
+def test_compiled_graphs_keep_their_own_products(onednn_calls):
+    weight = torch.randn(1024, 256)
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def f(x):
+        return linear(x, weight)
+
+    with torch.inference_mode():
+        f(torch.randn(64, 256))
+    assert onednn_calls == []  # inductor lowers mkldnn linear only for frozen weights
+
+
+@needs_onednn
+def test_moe_loop_through_onednn_matches_the_grouped_gemm_and_float64(onednn_calls):
+    gen = torch.Generator().manual_seed(1)
+    experts, hidden, width, tokens, k = 4, 256, 1024, 64, 2
+    gate_up = torch.randn(experts, 2 * width, hidden, generator=gen) * 0.05
+    down = torch.randn(experts, hidden, width, generator=gen) * 0.05
+    x = torch.randn(tokens, hidden, generator=gen)
+    ids = torch.stack([torch.randperm(experts, generator=gen)[:k] for _ in range(tokens)])
+    mix = torch.rand(tokens, k, generator=gen)
+    with torch.inference_mode():
+        assert experts_pay_onednn(x, ids, experts, gate_up[0].numel())
+        assert not experts_pay_onednn(x[:4], ids[:4], experts, gate_up[0].numel())  # 2 rows an expert: too few
+        looped = combine_per_expert(x, ids, mix, experts, lambda e, r: swiglu(r, gate_up[e], down[e], F.silu))
+        grouped = grouped_moe(x, ids, mix, gate_up, down, F.silu)
+    assert len(onednn_calls) == 2 * experts  # gate|up and down of every expert
+    assert tokens * k // experts * gate_up[0].numel() >= EXPERTS_ONEDNN_MIN_MACS
+    expected = torch.zeros(tokens, hidden, dtype=torch.float64)
+    for t in range(tokens):
+        for slot in range(k):
+            e = int(ids[t, slot])
+            g, u = (gate_up[e].double() @ x[t].double()).chunk(2)
+            expected[t] += mix[t, slot].double() * (down[e].double() @ (F.silu(g) * u))
+    torch.testing.assert_close(looped.double(), expected, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(looped, grouped, rtol=1e-5, atol=1e-5)
