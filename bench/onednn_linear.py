@@ -1,10 +1,12 @@
 """oneDNN against MKL for float32 products on the CPU, the choice behind :func:`mmx.model.linear.linear`.
 
-    python bench/onednn_linear.py [--threads 2]
+    python bench/onednn_linear.py [--threads 2] [--parts products,experts,prefill]
 
 Part 1: ``x @ W.T`` for the bench models' weight shapes at 1 to 512 rows, through ``F.linear`` (MKL) and oneDNN
 with the same plain weights, alternately, medians of 300 calls. Part 2: the MoE experts of a step (E experts,
 top-k of T tokens) as torch's grouped GEMM and as the per-expert loop through :func:`mmx.model.linear.linear`.
+Part 3: a 4096-token prefill through the engine on the bench models (mmx-tiny, the tiny hybrid, tiny M2; fp32),
+with the oneDNN route off and on alternately (``mmx.model.linear.ONEDNN_LINEAR``), 3 rounds, medians.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from mmx.model.linear import ONEDNN_MIN_MACS
@@ -78,14 +81,49 @@ def experts() -> None:
             print(f"| {e} x ({d}, {i}), top-{k} | {tokens} | {g:.0f} | {lp:.0f} | {g / lp:.2f}x |")
 
 
+def prefill(rounds: int = 3, tokens: int = 4096) -> None:
+    from compiled_decode import build
+
+    import mmx.model.linear as linear_mod
+    from mmx.engine import LLMEngine, SamplingParams
+    from mmx.engine.args import EngineArgs
+
+    print("\n| model | prefill tokens/s, MKL | oneDNN route | ratio |")
+    print("|---|---|---|---|")
+    for name in ("mmx-tiny", "hybrid", "m2"):
+        model = build(name)
+        args = EngineArgs(max_num_seqs=2, max_model_len=tokens + 16, enable_prefix_caching=False)
+        engine = LLMEngine(model, args, eos=None)
+        prompt = torch.randint(3, model.config.vocab_size, (tokens,), generator=torch.Generator().manual_seed(0))
+        rates: dict[bool, list[float]] = {False: [], True: []}
+        for i in range(2 * rounds + 2):
+            use = i % 2 == 1
+            linear_mod.ONEDNN_LINEAR = use
+            engine.add_request(f"p{i}", prompt.tolist(), SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
+            start = time.perf_counter()
+            while engine.has_unfinished_requests():
+                engine.step()
+            if i >= 2:  # the first of each is a warm-up
+                rates[use].append(tokens / (time.perf_counter() - start))
+        linear_mod.ONEDNN_LINEAR = linear_mod._onednn_usable()
+        mkl, dnn = statistics.median(rates[False]), statistics.median(rates[True])
+        print(f"| {name} | {mkl:,.0f} | {dnn:,.0f} | {dnn / mkl:.2f}x |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--parts", default="products,experts,prefill")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    parts = args.parts.split(",")
     with torch.inference_mode():
-        products()
-        experts()
+        if "products" in parts:
+            products()
+        if "experts" in parts:
+            experts()
+    if "prefill" in parts:
+        prefill()
 
 
 if __name__ == "__main__":

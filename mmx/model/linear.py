@@ -14,6 +14,11 @@ weights (row- or column-major, nothing repacked or copied) it runs 1.5-2.2x the 
 but each call costs ~13 us more, so small products (fewer than ONEDNN_MIN_MACS multiply-adds) stay with MKL. It has
 no backward, so anything autograd records keeps ``F.linear``; inductor lowers it only for frozen weights, so
 compiled graphs keep their own paths. ``MMX_ONEDNN_LINEAR=0`` turns it off (for A/B measurements).
+
+oneDNN builds (and caches, up to 1024) a kernel for every row count it sees, ~0.4 ms and ~0.5 MB each; a server's
+steps have ever-changing row counts, which made the first requests slow and grew a process by hundreds of MB. So
+rows go in blocks of ROW_BLOCK, and a remainder is padded up to one of a few sizes (ROW_SIZES): at most a dozen
+kernels per weight shape.
 """
 
 from __future__ import annotations
@@ -80,9 +85,29 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
+# Row counts oneDNN is called with: blocks of ROW_BLOCK rows, and a last block padded up to the next of ROW_SIZES.
+ROW_BLOCK = 256
+ROW_SIZES = (8, 16, 32, 64, 96, 128, 160, 192, 224, 256)
+
+
+def _padded_rows(rows: int) -> int:
+    return next(size for size in ROW_SIZES if size >= rows)
+
+
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ weight.T + bias by oneDNN, with the weight as it is stored (no packing, no copy)."""
-    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    """x @ weight.T + bias by oneDNN, with the weight as it is stored (no packing, no copy), called only with the
+    row counts of ROW_SIZES (see the module's notes)."""
+    flat = x.reshape(-1, x.shape[-1])
+    rows = flat.shape[0]
+    products = []
+    for start in range(0, rows, ROW_BLOCK):
+        block = flat[start : start + ROW_BLOCK]
+        size = _padded_rows(block.shape[0])
+        if size != block.shape[0]:
+            block = torch.cat([block, block.new_zeros(size - block.shape[0], block.shape[1])])
+        products.append(torch.ops.mkldnn._linear_pointwise(block, weight, bias, "none", [], ""))
+    out = products[0] if len(products) == 1 else torch.cat(products)
+    return out[:rows].view(*x.shape[:-1], weight.shape[0])
 
 
 def project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
