@@ -2,8 +2,10 @@
 
     python bench/onednn_linear.py [--threads 2] [--parts products,experts,prefill]
 
-Part 1: ``x @ W.T`` for the bench models' weight shapes at 1 to 512 rows, through ``F.linear`` (MKL) and oneDNN
-with the same plain weights, alternately, medians of 300 calls. Part 2: the MoE experts of a step (E experts,
+Part 1: ``x @ W.T`` for the bench models' weight shapes at 1 to 2048 rows, through ``F.linear`` (MKL), oneDNN
+with the same plain weights called with the exact row count, and mmx's :func:`mmx.model.linear.onednn_linear`
+(row blocks padded to a few sizes), alternately, medians of 300 calls; "taken" says whether
+:func:`mmx.model.linear.linear` sends that product to oneDNN. Part 2: the MoE experts of a step (E experts,
 top-k of T tokens) as torch's grouped GEMM and as the per-expert loop through :func:`mmx.model.linear.linear`.
 Part 3: a 4096-token prefill through the engine on the bench models (mmx-tiny, the tiny hybrid, tiny M2; fp32),
 with the oneDNN route off and on alternately (``mmx.model.linear.ONEDNN_LINEAR``), 3 rounds, medians.
@@ -25,7 +27,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from mmx.model.linear import ONEDNN_MIN_MACS
+from mmx.model.linear import ONEDNN_MIN_MACS, onednn_linear
 from mmx.model.moe import combine_per_expert, grouped_moe, swiglu
 
 
@@ -48,16 +50,18 @@ def onednn(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def products() -> None:
-    print("| in x out | rows | MKL (us) | oneDNN (us) | MKL / oneDNN | multiply-adds >= ONEDNN_MIN_MACS |")
-    print("|---|---|---|---|---|---|")
+    print("| in x out | rows | MKL (us) | oneDNN (us) | MKL / oneDNN | mmx blocks (us) | MKL / blocks | taken |")
+    print("|---|---|---|---|---|---|---|---|")
     for k, n in ((192, 192), (192, 768), (384, 192), (256, 256), (256, 1024), (512, 256), (256, 2048)):
         w = torch.randn(n, k)
-        for rows in (1, 2, 4, 8, 16, 64, 512):
+        for rows in (1, 2, 4, 8, 16, 64, 100, 512, 2048):
             x = torch.randn(rows, k)
             torch.testing.assert_close(onednn(x, w), F.linear(x, w), rtol=1e-4, atol=1e-4)
-            mkl, dnn = median_us([partial(F.linear, x, w), partial(onednn, x, w)])
-            big = rows * k * n >= ONEDNN_MIN_MACS
-            print(f"| {k} x {n} | {rows} | {mkl:.1f} | {dnn:.1f} | {mkl / dnn:.2f}x | {'yes' if big else 'no'} |")
+            torch.testing.assert_close(onednn_linear(x, w), F.linear(x, w), rtol=1e-4, atol=1e-4)
+            mkl, dnn, blocks = median_us([partial(F.linear, x, w), partial(onednn, x, w), partial(onednn_linear, x, w)])
+            taken = "yes" if rows >= 2 and rows * k * n >= ONEDNN_MIN_MACS else "no"
+            cells = [f"{k} x {n}", rows, f"{mkl:.1f}", f"{dnn:.1f}", f"{mkl / dnn:.2f}x", f"{blocks:.1f}"]
+            print("| " + " | ".join(map(str, [*cells, f"{mkl / blocks:.2f}x", taken])) + " |")
 
 
 def _expert(gate_up: torch.Tensor, down: torch.Tensor, expert: int, rows: torch.Tensor) -> torch.Tensor:

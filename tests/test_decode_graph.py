@@ -11,6 +11,7 @@ import sysconfig
 import pytest
 import torch
 
+import mmx.model.linear as linear_mod
 from mmx.embedded import embedded_model_path
 from mmx.engine import LLMEngine, SamplingParams
 from mmx.engine.args import EngineArgs
@@ -136,8 +137,14 @@ def test_compiled_decode_int8_on_mmx_tiny():
 
 
 @needs_compiler
-def test_warm_up_compiles_every_graph_before_requests():
-    engine = LLMEngine(tiny_model("tiny-m2"), max_model_len=64, max_num_seqs=FEW_ROWS + 2, enforce_eager=False)
+def test_warm_up_compiles_every_graph_before_requests(monkeypatch):
+    model = tiny_model("tiny-m2")
+    if torch.backends.mkldnn.is_available():
+        # the eager oneDNN route's size test falls between FEW_ROWS + 1 and FEW_ROWS + 2 rows of the LM head: were it
+        # evaluated while tracing, the "many" graph would be guarded on the batch size and rebuilt mid-serving
+        monkeypatch.setattr(linear_mod, "ONEDNN_LINEAR", True)
+        monkeypatch.setattr(linear_mod, "ONEDNN_MIN_MACS", (FEW_ROWS + 2) * model.lm_head.weight.numel())
+    engine = LLMEngine(model, max_model_len=64, max_num_seqs=FEW_ROWS + 2, enforce_eager=False)
     engine.warm_up()
     graph = engine.decode_graph
     assert graph._seen == {"one", "few", "many"} and graph.compile_seconds > 0

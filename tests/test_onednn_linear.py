@@ -95,9 +95,15 @@ def test_compiled_graphs_keep_their_own_products(onednn_calls):
     def f(x):
         return linear(x, weight)
 
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     with torch.inference_mode():
-        f(torch.randn(64, 256))
+        for rows in (2, 3, 64, 4096):  # below and above the size oneDNN would take: one graph for all
+            x = torch.randn(rows, 256)
+            torch._dynamo.mark_dynamic(x, 0)
+            f(x)
     assert onednn_calls == []  # inductor lowers mkldnn linear only for frozen weights
+    # the size test must not run while tracing: it would guard the graph on the batch size and recompile
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - graphs == 1
 
 
 @needs_onednn
@@ -124,3 +130,20 @@ def test_moe_loop_through_onednn_matches_the_grouped_gemm_and_float64(onednn_cal
             expected[t] += mix[t, slot].double() * (down[e].double() @ (F.silu(g) * u))
     torch.testing.assert_close(looped.double(), expected, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(looped, grouped, rtol=1e-5, atol=1e-5)
+
+
+def test_warm_up_builds_a_kernel_per_weight_shape_and_row_size(monkeypatch):
+    from mmx.model.layout import warm_onednn
+
+    from .conftest import tiny_model
+
+    model = tiny_model("tiny-m2")
+    monkeypatch.setattr(linear_mod, "ONEDNN_LINEAR", True)
+    monkeypatch.setattr(linear_mod, "ONEDNN_MIN_MACS", 1)  # every size of every shape
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    built = warm_onednn(model)
+    shapes = {tuple(m.weight.shape) for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    experts = model.model.layers[0].mlp.experts
+    shapes |= {tuple(experts.gate_up_proj.shape[1:]), tuple(experts.down_proj.shape[1:])}
+    assert built == len(shapes) * len(linear_mod.ROW_SIZES)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())

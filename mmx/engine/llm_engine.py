@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import operator
 import os
+import time
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -28,7 +29,7 @@ from mmx.engine.sampling_params import SamplingParams
 from mmx.engine.scheduler import Scheduler, StepPlan
 from mmx.engine.sequence import Sequence, TokenLogprob
 from mmx.engine.structured import CompiledGrammar, GrammarCompiler
-from mmx.model.layout import use_decode_layout
+from mmx.model.layout import use_decode_layout, warm_onednn
 from mmx.model.modeling import MiniMaxForCausalLM
 from mmx.model.quantization import quantize_model
 from mmx.parallel.sharding import local_config
@@ -326,7 +327,12 @@ class LLMEngine:
             self.prefix_cache.reset()
 
     def warm_up(self) -> None:
-        """Compile the decode graphs now (a server does this before taking requests); a no-op when eager."""
+        """Build oneDNN's kernels for the model's products and compile the decode graphs now (a server does this
+        before taking requests), so that no request waits for them."""
+        start = time.perf_counter()
+        kernels = warm_onednn(self.model)
+        if kernels:
+            logger.info("%d oneDNN kernels built in %.1f s", kernels, time.perf_counter() - start)
         if self.decode_graph is not None and not self.requests:
             seconds = self.decode_graph.warm_up(self.args.max_num_seqs, self.max_model_len)
             release_free_memory()  # the compiler's garbage, left free in the heap

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mmx.model.linear import ROW_SIZES, onednn_linear, onednn_pays
 from mmx.model.moe import Experts
 
 
@@ -51,3 +52,29 @@ def use_decode_layout(model: nn.Module) -> int:
             param.data = _column_major(param.data)
             moved += 1
     return moved
+
+
+def warm_onednn(model: nn.Module) -> int:
+    """Build oneDNN's kernel for every weight shape of ``model`` and every row count it can be called with
+    (:data:`mmx.model.linear.ROW_SIZES`, where :func:`mmx.model.linear.linear` would take oneDNN), so that the first
+    requests do not pay ~2 ms for each; returns how many were built. Weights are read, never written."""
+    seen: set[tuple[int, ...]] = set()
+    built = 0
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            weights = [module.weight]
+        elif isinstance(module, Experts):
+            weights = [module.gate_up_proj[0], module.down_proj[0]]
+        else:
+            continue
+        for weight in weights:
+            if weight.dim() != 2 or tuple(weight.shape) in seen:
+                continue
+            seen.add(tuple(weight.shape))
+            with torch.inference_mode():
+                for rows in ROW_SIZES:
+                    x = torch.zeros(rows, weight.shape[1], dtype=weight.dtype, device=weight.device)
+                    if onednn_pays(x, weight):
+                        onednn_linear(x, weight)
+                        built += 1
+    return built

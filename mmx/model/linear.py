@@ -74,8 +74,10 @@ def onednn_pays(x: torch.Tensor, weight: torch.Tensor) -> bool:
     matrix autograd does not record, at least two rows and ONEDNN_MIN_MACS multiply-adds."""
     if weight.dim() != 2 or weight.dtype != torch.float32 or (torch.is_grad_enabled() and weight.requires_grad):
         return False
+    if not onednn_takes(x):  # first: in a compiled graph, the size test below would become a guard on the batch
+        return False
     rows = x.numel() // max(x.shape[-1], 1)
-    return rows >= 2 and rows * weight.numel() >= ONEDNN_MIN_MACS and onednn_takes(x)
+    return rows >= 2 and rows * weight.numel() >= ONEDNN_MIN_MACS
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -151,8 +151,10 @@ def experts_pay_onednn(x: torch.Tensor, ids: torch.Tensor, num_experts: int, gat
     """Whether the per-expert loop through oneDNN beats torch's grouped GEMM (which runs MKL per group): when an
     expert's share of the rows, on average, makes a gate|up product of EXPERTS_ONEDNN_MIN_MACS multiply-adds
     (bench/onednn_linear.py: below that the loop's own cost eats oneDNN's gain)."""
+    if not onednn_takes(x):  # first, as in onednn_pays
+        return False
     rows = ids.numel() // num_experts
-    return rows >= 2 and rows * gate_up_size >= EXPERTS_ONEDNN_MIN_MACS and onednn_takes(x)
+    return rows >= 2 and rows * gate_up_size >= EXPERTS_ONEDNN_MIN_MACS
 
 
 def grouped_moe(
