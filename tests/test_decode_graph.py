@@ -186,3 +186,19 @@ def test_enforce_eager_defaults(monkeypatch):
     engine = LLMEngine(tiny_model("tiny-m1"), max_model_len=32)
     assert engine.decode_graph is None  # eager: nothing to compile
     assert isinstance(LLMEngine(tiny_model("tiny-m1"), max_model_len=32, enforce_eager=False).decode_graph, DecodeGraph)
+
+
+def test_inductor_cache_is_kept_per_version_of_the_traced_code(monkeypatch, tmp_path):
+    from mmx.engine import decode_graph
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    decode_graph._cache_dir()
+    path = os.environ["TORCHINDUCTOR_CACHE_DIR"]
+    root, digest = os.path.split(path)
+    assert root == os.path.join(os.path.expanduser("~"), ".cache", "mmx", "inductor") and len(digest) == 16
+    assert decode_graph._code_digest() == digest  # stable
+    monkeypatch.setattr(torch, "__version__", torch.__version__ + "+other")
+    assert decode_graph._code_digest() != digest
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    decode_graph._cache_dir()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path)  # the user's choice stands

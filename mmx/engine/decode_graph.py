@@ -9,13 +9,17 @@ of context blocks are dynamic dimensions, so three graphs serve every step: one 
 1), 2 to FEW_ROWS sequences (dot products), and more (BLAS). Steps that prefill, score prompts or capture
 prefix-cache states stay eager.
 
-The compiled code is cached on disk by inductor, in ``~/.cache/mmx/inductor`` unless ``TORCHINDUCTOR_CACHE_DIR``
-is set (mmx sets that variable for the process when it is unset), so a later run with the same model shapes loads
-it instead of compiling.
+The compiled code is cached on disk by inductor, in ``~/.cache/mmx/inductor/<code digest>`` unless
+``TORCHINDUCTOR_CACHE_DIR`` is set (mmx sets that variable for the process when it is unset), so a later run with
+the same model shapes loads it instead of compiling. The digest covers the model and engine code the graphs are
+traced from: inductor keys its cache on the traced graph, and an entry saved by other code can carry that code's
+guards (a size test since moved out of the trace made a cached graph demand a rebuild at 16 sequences).
 """
 
 from __future__ import annotations
 
+import glob
+import hashlib
 import itertools
 import math
 import os
@@ -40,7 +44,22 @@ _engine_ids = itertools.count()
 
 def _cache_dir() -> None:
     if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(os.path.expanduser("~"), ".cache", "mmx", "inductor")
+        root = os.path.join(os.path.expanduser("~"), ".cache", "mmx", "inductor")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = os.path.join(root, _code_digest())
+
+
+def _code_digest() -> str:
+    """A digest of the sources decode graphs are traced from (mmx.model, mmx.ops and this module) and torch's
+    version: a change to either starts a cache of its own."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    digest = hashlib.sha256(torch.__version__.encode())
+    paths = [os.path.abspath(__file__)]
+    for folder in ("model", "ops"):
+        paths += sorted(glob.glob(os.path.join(package, folder, "*.py")))
+    for path in paths:
+        with open(path, "rb") as f:
+            digest.update(f.read())
+    return digest.hexdigest()[:16]
 
 
 def _graphs_built() -> int:
