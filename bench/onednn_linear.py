@@ -27,7 +27,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from mmx.model.linear import ONEDNN_MIN_MACS, onednn_linear
+from mmx.model.linear import onednn_linear, onednn_pays
 from mmx.model.moe import combine_per_expert, grouped_moe, swiglu
 
 
@@ -59,7 +59,7 @@ def products() -> None:
             torch.testing.assert_close(onednn(x, w), F.linear(x, w), rtol=1e-4, atol=1e-4)
             torch.testing.assert_close(onednn_linear(x, w), F.linear(x, w), rtol=1e-4, atol=1e-4)
             mkl, dnn, blocks = median_us([partial(F.linear, x, w), partial(onednn, x, w), partial(onednn_linear, x, w)])
-            taken = "yes" if rows >= 2 and rows * k * n >= ONEDNN_MIN_MACS else "no"
+            taken = "yes" if onednn_pays(x, w) else "no"
             cells = [f"{k} x {n}", rows, f"{mkl:.1f}", f"{dnn:.1f}", f"{mkl / dnn:.2f}x", f"{blocks:.1f}"]
             print("| " + " | ".join(map(str, [*cells, f"{mkl / blocks:.2f}x", taken])) + " |")
 

@@ -144,6 +144,7 @@ def test_warm_up_compiles_every_graph_before_requests(monkeypatch):
         # evaluated while tracing, the "many" graph would be guarded on the batch size and rebuilt mid-serving
         monkeypatch.setattr(linear_mod, "ONEDNN_LINEAR", True)
         monkeypatch.setattr(linear_mod, "ONEDNN_MIN_MACS", (FEW_ROWS + 2) * model.lm_head.weight.numel())
+        monkeypatch.setattr(linear_mod, "ONEDNN_MIN_WEIGHT", 0)
     engine = LLMEngine(model, max_model_len=64, max_num_seqs=FEW_ROWS + 2, enforce_eager=False)
     engine.warm_up()
     graph = engine.decode_graph

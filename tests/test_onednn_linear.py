@@ -56,13 +56,15 @@ def test_large_products_go_through_onednn_and_match_float64(onednn_calls, shape,
     [
         ("one row", 1, torch.float32),
         ("too small", 2, torch.float32),
+        ("small weight", 512, torch.float32),
         ("bf16", 64, torch.bfloat16),
     ],
 )
 def test_small_or_non_float32_products_stay_with_f_linear(onednn_calls, why, rows, weight_dtype):
-    out_features = 1024 if why != "too small" else 64
-    weight = torch.randn(out_features, 256).to(weight_dtype)
-    x = torch.randn(rows, 256).to(weight_dtype)
+    out_features = {"too small": 64, "small weight": 192}.get(why, 1024)
+    in_features = 192 if why == "small weight" else 256  # 192 x 192: below ONEDNN_MIN_WEIGHT, at any row count
+    weight = torch.randn(out_features, in_features).to(weight_dtype)
+    x = torch.randn(rows, in_features).to(weight_dtype)
     assert rows * weight.numel() < ONEDNN_MIN_MACS or why != "too small"
     with torch.inference_mode():
         out = linear(x, weight)
@@ -140,6 +142,7 @@ def test_warm_up_builds_a_kernel_per_weight_shape_and_row_size(monkeypatch):
     model = tiny_model("tiny-m2")
     monkeypatch.setattr(linear_mod, "ONEDNN_LINEAR", True)
     monkeypatch.setattr(linear_mod, "ONEDNN_MIN_MACS", 1)  # every size of every shape
+    monkeypatch.setattr(linear_mod, "ONEDNN_MIN_WEIGHT", 0)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     built = warm_onednn(model)
     shapes = {tuple(m.weight.shape) for m in model.modules() if isinstance(m, torch.nn.Linear)}

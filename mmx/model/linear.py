@@ -48,6 +48,9 @@ def dot_rows(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 # Below this many multiply-adds per product, MKL's lower call cost wins (bench/onednn_linear.py: even at 4 x 256 x
 # 1024, MKL ahead at 16 x 384 x 192, oneDNN ahead from 8 x 256 x 1024).
 ONEDNN_MIN_MACS = 1 << 21
+# Smaller weights stay with MKL at every row count: the row blocks' copies eat oneDNN's gain (bench/onednn_linear.py:
+# 192 x 192 is 0.8x at 64-100 rows and 1.1x at 2048).
+ONEDNN_MIN_WEIGHT = 1 << 16
 
 
 def _onednn_usable() -> bool:
@@ -71,13 +74,14 @@ def onednn_takes(x: torch.Tensor) -> bool:
 
 def onednn_pays(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether ``x @ weight.T`` goes through oneDNN (see the module's notes): :func:`onednn_takes` x, a float32
-    matrix autograd does not record, at least two rows and ONEDNN_MIN_MACS multiply-adds."""
+    matrix autograd does not record of at least ONEDNN_MIN_WEIGHT elements, at least two rows and ONEDNN_MIN_MACS
+    multiply-adds."""
     if weight.dim() != 2 or weight.dtype != torch.float32 or (torch.is_grad_enabled() and weight.requires_grad):
         return False
     if not onednn_takes(x):  # first: in a compiled graph, the size test below would become a guard on the batch
         return False
     rows = x.numel() // max(x.shape[-1], 1)
-    return rows >= 2 and rows * weight.numel() >= ONEDNN_MIN_MACS
+    return weight.numel() >= ONEDNN_MIN_WEIGHT and rows >= 2 and rows * weight.numel() >= ONEDNN_MIN_MACS
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
