@@ -1,6 +1,6 @@
 """oneDNN against MKL for float32 products on the CPU, the choice behind :func:`mmx.model.linear.linear`.
 
-    python bench/onednn_linear.py [--threads 2] [--parts products,experts,prefill]
+    python bench/onednn_linear.py [--threads 2] [--parts products,experts,prefill,kernels]
 
 Part 1: ``x @ W.T`` for the bench models' weight shapes at 1 to 2048 rows, through ``F.linear`` (MKL), oneDNN
 with the same plain weights called with the exact row count, and mmx's :func:`mmx.model.linear.onednn_linear`
@@ -9,6 +9,8 @@ with the same plain weights called with the exact row count, and mmx's :func:`mm
 top-k of T tokens) as torch's grouped GEMM and as the per-expert loop through :func:`mmx.model.linear.linear`.
 Part 3: a 4096-token prefill through the engine on the bench models (mmx-tiny, the tiny hybrid, tiny M2; fp32),
 with the oneDNN route off and on alternately (``mmx.model.linear.ONEDNN_LINEAR``), 3 rounds, medians.
+Part 4: resident memory added by 766 distinct row counts (100 to 2,396) of one 1024 x 256 weight, first through
+:func:`mmx.model.linear.onednn_linear` (row blocks), then through oneDNN with exact row counts.
 """
 
 from __future__ import annotations
@@ -114,10 +116,26 @@ def prefill(rounds: int = 3, tokens: int = 4096) -> None:
         print(f"| {name} | {mkl:,.0f} | {dnn:,.0f} | {dnn / mkl:.2f}x |")
 
 
+def _rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+
+def kernels() -> None:
+    weight = torch.randn(1024, 256)
+    print("\n| calls with 766 distinct row counts | RSS added (MiB) |")
+    print("|---|---|")
+    for name, fn in (("mmx blocks", onednn_linear), ("oneDNN, exact row counts", onednn)):
+        before = _rss_mib()
+        for rows in range(100, 2400, 3):
+            fn(torch.randn(rows, 256), weight)
+        print(f"| {name} | {_rss_mib() - before:.0f} |")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--parts", default="products,experts,prefill")
+    p.add_argument("--parts", default="products,experts,prefill,kernels")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     parts = args.parts.split(",")
@@ -128,6 +146,9 @@ def main() -> None:
             experts()
     if "prefill" in parts:
         prefill()
+    if "kernels" in parts:  # last: the exact row counts leave their kernels behind
+        with torch.inference_mode():
+            kernels()
 
 
 if __name__ == "__main__":

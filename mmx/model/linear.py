@@ -9,7 +9,7 @@ about even; from 16 rows, and in eager code, the BLAS is used. The sum is taken 
 dtype (bf16 and int8 weights are widened as they are read).
 
 Outside compiled graphs, float32 products on the CPU go through oneDNN's GEMM when it pays: with the same plain
-weights (row- or column-major, nothing repacked or copied) it runs 1.5-2.2x the speed of the MKL call that
+weights (row- or column-major, never repacked or copied) it runs 1.5-2.2x the speed of the MKL call that
 ``F.linear`` makes, from 4-8 rows up to prefill sizes, on the AVX-512 CPUs measured (``bench/onednn_linear.py``),
 but each call costs ~13 us more, so small products (fewer than ONEDNN_MIN_MACS multiply-adds) stay with MKL. It has
 no backward, so anything autograd records keeps ``F.linear``; inductor lowers it only for frozen weights, so
@@ -17,8 +17,8 @@ compiled graphs keep their own paths. ``MMX_ONEDNN_LINEAR=0`` turns it off (for 
 
 oneDNN builds (and caches, up to 1024) a kernel for every row count it sees, ~0.4 ms and ~0.5 MB each; a server's
 steps have ever-changing row counts, which made the first requests slow and grew a process by hundreds of MB. So
-rows go in blocks of ROW_BLOCK, and a remainder is padded up to one of a few sizes (ROW_SIZES): at most a dozen
-kernels per weight shape.
+rows go in blocks of ROW_BLOCK, and a remainder is padded up to one of a few sizes (ROW_SIZES): at most ten
+kernels per weight shape, for the price of copying the padded rows and the blocks' outputs.
 """
 
 from __future__ import annotations

@@ -142,9 +142,7 @@ class Experts(nn.Module):
         return all(n * width % 16 == 0 for n in self.down_proj.shape[1:])
 
     def forward_grouped(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        if experts_pay_onednn(x, ids, self.num_experts, self.gate_up_proj[0].numel()):
-            return self.forward_per_expert(x, ids, weights)
-        return grouped_moe(x, ids, weights, self.gate_up_proj, self.down_proj, self.act)
+        return small_batch_moe(x, ids, weights, self.gate_up_proj, self.down_proj, self.act)
 
 
 def experts_pay_onednn(x: torch.Tensor, ids: torch.Tensor, num_experts: int, gate_up_size: int) -> bool:
@@ -155,6 +153,26 @@ def experts_pay_onednn(x: torch.Tensor, ids: torch.Tensor, num_experts: int, gat
         return False
     rows = ids.numel() // num_experts
     return rows >= 2 and rows * gate_up_size >= EXPERTS_ONEDNN_MIN_MACS
+
+
+def small_batch_moe(
+    x: torch.Tensor,
+    ids: torch.Tensor,
+    weights: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    act: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """The experts of a batch of at most GROUPED_MAX_PAIRS (token, expert) pairs: torch's grouped GEMM, or the
+    per-expert loop through oneDNN when :func:`experts_pay_onednn`."""
+    num_experts = gate_up_proj.shape[0]
+    if experts_pay_onednn(x, ids, num_experts, gate_up_proj[0].numel()):
+
+        def ffn(expert: int, rows: torch.Tensor) -> torch.Tensor:
+            return swiglu(rows, gate_up_proj[expert], down_proj[expert], act)
+
+        return combine_per_expert(x, ids, weights, num_experts, ffn)
+    return grouped_moe(x, ids, weights, gate_up_proj, down_proj, act)
 
 
 def grouped_moe(
@@ -204,14 +222,7 @@ def grouped_experts(
     down_proj: torch.Tensor,
     act_name: str,
 ) -> torch.Tensor:
-    act = activation(act_name)
-    if experts_pay_onednn(x, ids, gate_up_proj.shape[0], gate_up_proj[0].numel()):
-
-        def ffn(expert: int, rows: torch.Tensor) -> torch.Tensor:
-            return swiglu(rows, gate_up_proj[expert], down_proj[expert], act)
-
-        return combine_per_expert(x, ids, weights, gate_up_proj.shape[0], ffn)
-    return grouped_moe(x, ids, weights, gate_up_proj, down_proj, act)
+    return small_batch_moe(x, ids, weights, gate_up_proj, down_proj, activation(act_name))
 
 
 @grouped_experts.register_fake
