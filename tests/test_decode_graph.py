@@ -60,11 +60,15 @@ def _run(engine: LLMEngine, traffic, params: dict) -> dict[str, tuple[list[int],
     return results
 
 
-def _engines(preset: str, **kwargs) -> tuple[LLMEngine, LLMEngine]:
+# the engine settings of the equality tests (tests/test_aot_decode.py builds the same engines, to share the libraries)
+SETTINGS = dict(max_model_len=160, max_num_seqs=12, max_num_batched_tokens=64, block_size=4)
+
+
+def _engines(preset: str, compiler: str = "inductor", **kwargs) -> tuple[LLMEngine, LLMEngine]:
     """An eager and a compiled engine over two copies of the same model (the eager one re-lays its weights)."""
-    settings = dict(max_model_len=160, max_num_seqs=12, max_num_batched_tokens=64, block_size=4, **kwargs)
+    settings = {**SETTINGS, **kwargs}
     eager = LLMEngine(tiny_model(preset), enforce_eager=True, **settings)
-    compiled = LLMEngine(tiny_model(preset), enforce_eager=False, **settings)
+    compiled = LLMEngine(tiny_model(preset), enforce_eager=False, decode_compiler=compiler, **settings)
     return eager, compiled
 
 
@@ -78,16 +82,19 @@ def _assert_same(expected: dict, actual: dict, tolerance: float) -> None:
 
 
 @needs_compiler
+@pytest.mark.parametrize("compiler", ["inductor", "aot"])
 @pytest.mark.parametrize("preset", ["tiny-m1", "tiny-m2"])
-def test_compiled_decode_equals_eager(preset):
+def test_compiled_decode_equals_eager(preset, compiler):
     """Staggered traffic whose decode batches hold one, a few and more than FEW_ROWS sequences, with chunked
-    prefill and a cache small enough to preempt: tokens and log-probs as the eager engine's."""
-    eager, compiled = _engines(preset, cache_memory_gb=None)
+    prefill and a cache small enough to preempt: tokens and log-probs as the eager engine's, with graphs compiled
+    in the process (inductor) and ahead of time in a child process (aot)."""
+    eager, compiled = _engines(preset, compiler)
     traffic = _traffic(eager.config.vocab_size)
     expected = _run(eager, traffic, {})
     actual = _run(compiled, traffic, {})
     graph = compiled.decode_graph
-    assert graph is not None and graph.failed is None
+    assert graph is not None and graph.failed is None and graph.compiler == compiler
+    assert (graph._aot is not None) == (compiler == "aot"), "the ahead-of-time graphs fell back"
     assert graph._seen == {"one", "few", "many"}, "every kind of batch was meant to run compiled"
     _assert_same(expected, actual, 2e-4)
     model = compiled.model  # and both are plain greedy generation by full recompute, an engine-free reference
@@ -128,7 +135,7 @@ def test_compiled_decode_int8_on_mmx_tiny():
     settings = dict(max_model_len=160, max_num_seqs=12, quantization="int8")
     traffic = [(tokenizer.encode(text), 24, 0 if i == 0 else 30) for i, text in enumerate(prompts * 2)]
     eager = LLMEngine(load_model(path), enforce_eager=True, **settings)
-    compiled = LLMEngine(load_model(path), enforce_eager=False, **settings)
+    compiled = LLMEngine(load_model(path), enforce_eager=False, decode_compiler="inductor", **settings)
     expected, actual = _run(eager, traffic, {}), _run(compiled, traffic, {})
     assert compiled.decode_graph.failed is None and compiled.decode_graph._seen == {"one", "few", "many"}
     same = [key for key in expected if expected[key][0] == actual[key][0]]
@@ -145,7 +152,9 @@ def test_warm_up_compiles_every_graph_before_requests(monkeypatch):
         monkeypatch.setattr(linear_mod, "ONEDNN_LINEAR", True)
         monkeypatch.setattr(linear_mod, "ONEDNN_MIN_MACS", (FEW_ROWS + 2) * model.lm_head.weight.numel())
         monkeypatch.setattr(linear_mod, "ONEDNN_MIN_WEIGHT", 0)
-    engine = LLMEngine(model, max_model_len=64, max_num_seqs=FEW_ROWS + 2, enforce_eager=False)
+    engine = LLMEngine(
+        model, max_model_len=64, max_num_seqs=FEW_ROWS + 2, enforce_eager=False, decode_compiler="inductor"
+    )
     engine.warm_up()
     graph = engine.decode_graph
     assert graph._seen == {"one", "few", "many"} and graph.compile_seconds > 0
@@ -160,7 +169,7 @@ def test_warm_up_compiles_every_graph_before_requests(monkeypatch):
 def test_failed_compilation_falls_back_to_eager(monkeypatch, caplog):
     model = tiny_model("tiny-m1")
     eager = LLMEngine(tiny_model("tiny-m1"), max_model_len=64, enforce_eager=True)
-    engine = LLMEngine(model, max_model_len=64, enforce_eager=False)
+    engine = LLMEngine(model, max_model_len=64, enforce_eager=False, decode_compiler="inductor")
 
     def broken(*args):
         raise RuntimeError("no C++ compiler here")

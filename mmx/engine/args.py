@@ -12,6 +12,10 @@ from typing import Any
 QUANTIZATION_METHODS = ("int8", "experts_int8", "fp8")
 # K/V cache element types: "auto" is the model's dtype
 KV_CACHE_DTYPES = ("auto", "float32", "bfloat16", "float16")
+# How decode graphs are compiled (mmx.engine.decode_graph): "aot", AOTInductor in a child process, the graphs then run
+# without the compiler in the engine's process (less memory and per-step overhead); "inductor", torch.compile in
+# the process; "auto": aot on the CPU, inductor on other devices.
+DECODE_COMPILERS = ("auto", "aot", "inductor")
 
 
 @dataclass
@@ -37,6 +41,10 @@ class EngineArgs:
     # run every step eagerly; otherwise decode-only steps run as compiled graphs (torch.compile, inductor).
     # Default: $MMX_ENFORCE_EAGER (1 for eager), else compiled
     enforce_eager: bool = field(default_factory=lambda: os.environ.get("MMX_ENFORCE_EAGER", "0") not in ("", "0"))
+    # see DECODE_COMPILERS; default: $MMX_DECODE_COMPILER, else auto
+    decode_compiler: str = field(
+        default_factory=lambda: os.environ.get("MMX_DECODE_COMPILER") or "auto", metadata={"choices": DECODE_COMPILERS}
+    )
     seed: int = 0
     # processes the model is split over (attention heads, MoE, vocabulary; mmx.parallel), one per device; the engine
     # runs in the first, the others are spawned (or are the other ranks of a torchrun launch)
@@ -49,6 +57,10 @@ class EngineArgs:
     def __post_init__(self) -> None:
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}; got {self.kv_cache_dtype!r}")
+        if self.decode_compiler not in DECODE_COMPILERS:
+            raise ValueError(
+                f"decode_compiler must be one of {', '.join(DECODE_COMPILERS)}; got {self.decode_compiler!r}"
+            )
         if self.snapshot_interval is not None and self.snapshot_interval < 1:
             raise ValueError(f"snapshot_interval must be a positive number of tokens; got {self.snapshot_interval}")
         if self.tensor_parallel_size < 1:

@@ -1,19 +1,21 @@
-"""A compiled decode step: the model's forward for a batch of one-token sequences as an inductor graph.
+"""A compiled decode step: the model's forward for a batch of one-token sequences as a compiled graph.
 
 A decode step is overhead-bound on small models: thousands of tiny eager ops around a few matrix products. Here a
-decode-only step runs through ``torch.compile``: the elementwise chains fuse into a few generated loops, attention
-reads the paged K/V through the block tables inside its own loops (no gathered copy), the lightning states are
-updated in their slots, and with few sequences every weight product streams its weights once as dot products
-(:mod:`mmx.model.linear`). Everything the step depends on is a tensor argument, and the batch size and the number
-of context blocks are dynamic dimensions, so three graphs serve every step: one sequence (torch specialises size
-1), 2 to FEW_ROWS sequences (dot products), and more (BLAS). Steps that prefill, score prompts or capture
-prefix-cache states stay eager.
+decode-only step (:func:`mmx.engine.decode_step.decode_logits`) runs compiled: the elementwise chains fuse into a
+few generated loops, attention reads the paged K/V through the block tables inside its own loops (no gathered
+copy), the lightning states are updated in their slots, and with few sequences every weight product streams its
+weights once as dot products (:mod:`mmx.model.linear`). Everything the step depends on is a tensor argument, and
+the batch size and the number of context blocks are dynamic dimensions, so three graphs serve every step: one
+sequence (torch specialises size 1), 2 to FEW_ROWS sequences (dot products), and more (BLAS). Steps that prefill,
+score prompts or capture prefix-cache states stay eager.
 
-The compiled code is cached on disk by inductor, in ``~/.cache/mmx/inductor/<code digest>`` unless
-``TORCHINDUCTOR_CACHE_DIR`` is set (mmx sets that variable for the process when it is unset), so a later run with
-the same model shapes loads it instead of compiling. The digest covers the model and engine code the graphs are
-traced from: inductor keys its cache on the traced graph, and an entry saved by other code can carry that code's
-guards (a size test since moved out of the trace made a cached graph demand a rebuild at 16 sequences).
+Two compilers build the graphs. "aot" (the CPU's default) compiles them ahead of time in a child process
+(:mod:`mmx.engine.aot_decode`) and runs them without the compiler in this process. "inductor" runs the step through
+``torch.compile`` here; inductor caches the compiled code in ``~/.cache/mmx/inductor/<code digest>`` unless
+``TORCHINDUCTOR_CACHE_DIR`` is set (mmx sets that variable for the process when it is unset). The digest covers the
+model and engine code the graphs are traced from: inductor keys its cache on the traced graph, and an entry saved
+by other code can carry that code's guards (a size test since moved out of the trace made a cached graph demand a
+rebuild at 16 sequences).
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ import types
 
 import torch
 
+from mmx.engine.aot_decode import AotDecode
 from mmx.engine.cache import HybridCache
+from mmx.engine.decode_step import TABLE_STEP, decode_logits
 from mmx.engine.sequence import Sequence
 from mmx.model.linear import FEW_ROWS
 from mmx.model.modeling import MiniMaxForCausalLM
@@ -36,10 +40,8 @@ from mmx.utils.logging import get_logger
 
 logger = get_logger(__name__)
 
-# Block tables are padded to a multiple of this many blocks (masked out): a table of one block would be a size-1
-# dimension, which torch specialises into a graph of its own.
-TABLE_STEP = 8
 _engine_ids = itertools.count()
+COMPILERS = ("inductor", "aot")
 
 
 def _cache_dir() -> None:
@@ -49,11 +51,12 @@ def _cache_dir() -> None:
 
 
 def _code_digest() -> str:
-    """A digest of the sources decode graphs are traced from (mmx.model, mmx.ops and this module) and torch's
+    """A digest of the sources decode graphs are traced from (mmx.model, mmx.ops and the decode modules) and torch's
     version: a change to either starts a cache of its own."""
     package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     digest = hashlib.sha256(torch.__version__.encode())
-    paths = [os.path.abspath(__file__)]
+    here = os.path.dirname(os.path.abspath(__file__))
+    paths = [os.path.join(here, name) for name in ("decode_graph.py", "decode_step.py", "aot_decode.py")]
     for folder in ("model", "ops"):
         paths += sorted(glob.glob(os.path.join(package, folder, "*.py")))
     for path in paths:
@@ -67,95 +70,46 @@ def _graphs_built() -> int:
     return torch._dynamo.utils.counters["stats"]["unique_graphs"]
 
 
-def _stored(t: torch.Tensor) -> torch.Tensor:
-    """``t`` written to memory once. Inductor would otherwise fuse whatever computed it (the query's rotary
-    embedding: a sine and a cosine per channel) into the attention loops that read it, and redo it for every key
-    position. A scatter is a store it cannot inline."""
-    rows = t.reshape(t.shape[0], -1)
-    index = torch.arange(rows.shape[0], device=t.device)
-    return torch.empty_like(rows).index_copy_(0, index, rows).view(t.shape)
-
-
-class DecodeCache:
-    """The AttentionCache of a decode step, built from tensors only (traced into the graph).
-
-    ``write_at`` [N]: flat K/V address of each new token; ``tables`` [N, W]: block ids of each sequence's context
-    (padded); ``lengths`` [N]: context length including the new token; ``slots`` [N]: lightning-state rows."""
+class DecodeGraph:
+    """Runs decode-only steps of ``model`` over ``cache`` through compiled graphs, built by ``compiler``: "inductor"
+    (torch.compile in this process) or "aot" (AOTInductor in a child process, :mod:`mmx.engine.aot_decode`; the
+    graphs then run without the compiler in this process). If building fails (no C++ compiler, an op the compiler
+    cannot take), it says why once: "aot" falls back to "inductor", and "inductor" to eager steps."""
 
     def __init__(
         self,
-        keys: list[torch.Tensor],
-        values: list[torch.Tensor],
-        states: list[torch.Tensor],
-        layer_index: dict[int, int],
-        positions: torch.Tensor,
-        write_at: torch.Tensor,
-        tables: torch.Tensor,
-        lengths: torch.Tensor,
-        slots: torch.Tensor,
+        model: MiniMaxForCausalLM,
+        cache: HybridCache,
+        compiler: str = "inductor",
+        max_num_seqs: int = 64,
+        max_model_len: int = 32768,
     ):
-        self.keys, self.values, self.states, self.layer_index = keys, values, states, layer_index
-        self._positions, self.write_at, self.tables, self.lengths, self.slots = (
-            positions,
-            write_at,
-            tables,
-            lengths,
-            slots,
-        )
-
-    def positions(self, batch: int, seq_len: int, device: torch.device) -> torch.Tensor:
-        return self._positions[None]
-
-    def advance(self, num_tokens: int) -> None:
-        """Lengths are the scheduler's business."""
-
-    def softmax_attention(
-        self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
-    ) -> torch.Tensor:
-        i = self.layer_index[layer_idx]
-        keys, values = self.keys[i], self.values[i]
-        nb, bs, g, d = keys.shape
-        h = q.shape[1]
-        flat_k, flat_v = keys.view(nb * bs, g, d), values.view(nb * bs, g, d)
-        flat_k.index_copy_(0, self.write_at, k[0].transpose(0, 1).to(keys.dtype))
-        flat_v.index_copy_(0, self.write_at, v[0].transpose(0, 1).to(values.dtype))
-        n, w = self.tables.shape
-        # [N, W * bs, G, D] through the block tables; read inside the score and mixing loops, not copied
-        ks = keys[self.tables].view(n, w * bs, g, 1, d).to(q.dtype)
-        vs = values[self.tables].view(n, w * bs, g, 1, d).to(q.dtype)
-        qs = _stored(q[0].transpose(0, 1)).view(n, 1, g, h // g, d)  # query heads grouped by their K/V head
-        scores = (qs.float() * ks.float()).sum(-1) * scale  # [N, L, G, R]
-        visible = torch.arange(w * bs, device=q.device)[None, :] < self.lengths[:, None]
-        scores = scores.masked_fill(~visible[:, :, None, None], float("-inf"))
-        probs = scores.softmax(dim=1)
-        out = (probs[..., None] * vs.float()).sum(1)  # [N, G, R, D]
-        return out.reshape(n, h, d).transpose(0, 1)[None].to(q.dtype)
-
-    def lightning_attention(
-        self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rates: torch.Tensor
-    ) -> torch.Tensor:
-        pool = self.states[self.layer_index[layer_idx]]
-        state = pool[self.slots]  # [N, H, Dk, Dv]
-        decay = torch.exp(-rates.float())[None, :, None, None]
-        state = state * decay + k[0].float()[..., :, None] * v[0].float()[..., None, :]
-        pool.index_copy_(0, self.slots, state)
-        return (q[0].float()[..., :, None] * state).sum(-2)[None].to(q.dtype)
-
-
-class DecodeGraph:
-    """Runs decode-only steps of ``model`` over ``cache`` through compiled graphs. If compiling fails (no C++
-    compiler, an op inductor cannot take), it says why once and the engine runs those steps eagerly."""
-
-    def __init__(self, model: MiniMaxForCausalLM, cache: HybridCache):
-        _cache_dir()
+        if compiler not in COMPILERS:
+            raise ValueError(f"decode_compiler must be one of {', '.join(COMPILERS)}; got {compiler!r}")
+        if compiler == "aot" and model.device.type != "cpu":
+            raise ValueError(f"decode_compiler 'aot' runs on the CPU; this model is on {model.device}")
         self.model = model
         self.cache = cache
+        self.compiler = compiler
         self.layer_index = {layer: i for i, layer in enumerate(sorted(cache.keys))}
         self.layer_index.update({layer: i for i, layer in enumerate(sorted(cache.states))})
         self._keys = [cache.keys[i] for i in sorted(cache.keys)]
         self._values = [cache.values[i] for i in sorted(cache.values)]
         self._states = [cache.states[i] for i in sorted(cache.states)]
         self._device = model.device
+        self._compiled = None  # torch.compile'd step (compiler "inductor", or "aot" after it failed)
+        self._aot: AotDecode | None = None
+        self._sizes = (max_num_seqs, max_model_len)  # the batches and contexts the ahead-of-time graphs cover
+        self.failed: str | None = None  # why compiling failed; decode steps then run eagerly
+        self.compile_seconds = 0.0  # first calls of each graph (compiling, or loading from the on-disk cache)
+        self._seen: set[str] = set()
+        self._graphs = 0
+        if compiler == "inductor":
+            self._use_inductor()
+
+    def _use_inductor(self) -> None:
+        _cache_dir()
+        self.compiler = "inductor"
         # Each engine compiles its own copy of the step's code: torch keeps compiled graphs per code object, so
         # engines in one process (tests, benchmarks) neither share nor crowd out each other's graphs, and they go
         # with the engine. Guards on the model's modules are then skipped (they cost ~0.3 ms a step): the graph
@@ -173,15 +127,11 @@ class DecodeGraph:
                 "alignment_asserts": False,
             },
         )
-        self.failed: str | None = None  # why compiling failed; decode steps then run eagerly
-        self.compile_seconds = 0.0  # first calls of each graph (compiling, or loading from the on-disk cache)
-        self._seen: set[str] = set()
         self._graphs = _graphs_built()
 
     def _step(self, ids, positions, write_at, tables, lengths, slots, keys, values, states):
-        cache = DecodeCache(keys, values, states, self.layer_index, positions, write_at, tables, lengths, slots)
-        hidden = self.model.model(ids[None], positions[None], cache=cache)
-        return self.model.compute_logits(hidden[0])
+        step = (ids, positions, write_at, tables, lengths, slots)
+        return decode_logits(self.model, self.layer_index, *step, keys, values, states)
 
     def inputs(self, seqs: list[Sequence]) -> tuple[torch.Tensor, ...]:
         """(ids, positions, K/V write addresses, block tables, context lengths, state slots) of the step, [N] each
@@ -218,6 +168,8 @@ class DecodeGraph:
         before serving, so that no request waits for a compilation; returns the seconds spent. Writes one token's
         K/V into block 0 and a state into slot 0, so it must run before any sequence holds them (at start-up)."""
         start = time.perf_counter()
+        if self.compiler == "aot":
+            self._prepare_aot()
         longest = math.ceil(math.ceil(max_model_len / self.cache.block_size) / TABLE_STEP) * TABLE_STEP
         for n in sorted({1, min(2, max_num_seqs), min(FEW_ROWS + 1, max_num_seqs)}):
             for width in sorted({TABLE_STEP, max(TABLE_STEP, longest)}):
@@ -228,10 +180,61 @@ class DecodeGraph:
                     self._run(tuple(args))
         return time.perf_counter() - start
 
+    def _prepare_aot(self) -> None:
+        """Load the ahead-of-time libraries (building them first when they are not cached); on failure, say why
+        and switch to torch.compile in this process."""
+        if self._aot is not None or self.compiler != "aot":
+            return
+        max_num_seqs, max_model_len = self._sizes
+        aot = AotDecode(
+            self.model,
+            self.layer_index,
+            (self._keys, self._values, self._states),
+            max_num_seqs,
+            max_model_len,
+            self.cache.block_size,
+            FEW_ROWS,
+            _code_digest(),
+        )
+        try:
+            spent = aot.prepare()
+        except Exception as e:
+            why = str(e).strip().splitlines()
+            logger.warning(
+                "ahead-of-time decode graphs unavailable, compiling in this process instead (%s: %s)",
+                type(e).__name__,
+                "\n".join(why[-6:]),
+            )
+            self._use_inductor()
+            return
+        self._aot = aot
+        self.compile_seconds += spent
+        logger.info(
+            "decode graphs for %s: %s in %.1f s (ahead of time, %s)",
+            ", ".join(aot.spec.kinds),
+            "compiled" if aot.built else "loaded",
+            spent,
+            aot.folder,
+        )
+
     def _run(self, args: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
         n = args[0].shape[0]
         # one graph per kind of batch: one sequence (torch specialises size 1), a few (dot products), many (BLAS)
         kind = "one" if n == 1 else "few" if n <= FEW_ROWS else "many"
+        if self.compiler == "aot":
+            self._prepare_aot()
+        if self._aot is not None:
+            try:
+                logits = self._aot.run(kind, args)
+            except Exception as e:
+                if kind in self._seen:
+                    raise
+                logger.warning("ahead-of-time decode graph failed, compiling in this process instead (%s)", e)
+                self._aot = None
+                self._use_inductor()
+            else:
+                self._seen.add(kind)
+                return logits
         if kind != "one":  # the graphs' own guards tell "few" from "many" (see mmx.model.linear.streams_rows)
             for t in args:
                 torch._dynamo.maybe_mark_dynamic(t, 0)

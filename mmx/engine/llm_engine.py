@@ -175,7 +175,12 @@ class LLMEngine:
             self.prefix_cache,
         )
         self.sampler = Sampler(self.eos_token_ids, seed=args.seed)
-        self.decode_graph = None if eager else DecodeGraph(self.model, self.cache)
+        compiler = args.decode_compiler
+        if compiler == "auto":
+            compiler = "aot" if self.device.type == "cpu" else "inductor"
+        self.decode_graph = (
+            None if eager else DecodeGraph(self.model, self.cache, compiler, args.max_num_seqs, self.max_model_len)
+        )
         if workers is not None:
             workers.build_cache(layout, kv_dtype, self.prefix_cache is not None)
             self.cache.journal.entries = []  # the copies the workers are to repeat

@@ -26,6 +26,7 @@ from mmx.model.activation import activation
 from mmx.model.fp8 import dequantize_fp8, expected_scale_shape
 from mmx.model.linear import project
 from mmx.model.moe import GROUPED_MAX_PAIRS, Experts, combine_per_expert, experts_pay_onednn, grouped_moe, swiglu
+from mmx.utils.custom_ops import without_dynamo_import
 from mmx.utils.logging import get_logger
 
 logger = get_logger(__name__)
@@ -220,6 +221,9 @@ def fp8_experts(
 @fp8_experts.register_fake
 def _(x, ids, weights, gate_up_qweight, gate_up_scale_inv, down_qweight, down_scale_inv, act_name, rows, cols):
     return torch.empty_like(x)
+
+
+without_dynamo_import(fp8_experts)
 
 
 def holds_fp8(model: nn.Module) -> bool:

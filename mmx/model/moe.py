@@ -16,6 +16,7 @@ from torch import nn
 from mmx.config import MiniMaxConfig
 from mmx.model.activation import activation
 from mmx.model.linear import dot_rows, linear, onednn_takes, streams_rows
+from mmx.utils.custom_ops import without_dynamo_import
 
 
 class TopKRouter(nn.Module):
@@ -228,6 +229,9 @@ def grouped_experts(
 @grouped_experts.register_fake
 def _(x, ids, weights, gate_up_proj, down_proj, act_name):
     return torch.empty_like(x)
+
+
+without_dynamo_import(grouped_experts)
 
 
 class SparseMoeBlock(nn.Module):

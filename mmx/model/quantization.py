@@ -30,6 +30,7 @@ from mmx.model.activation import activation
 from mmx.model.fp8_linear import holds_fp8
 from mmx.model.linear import dot_rows, streams_rows
 from mmx.model.moe import Experts, combine_per_expert, mix_experts
+from mmx.utils.custom_ops import without_dynamo_import
 from mmx.utils.logging import get_logger
 
 logger = get_logger(__name__)
@@ -179,6 +180,9 @@ def int8_per_expert(
 @int8_experts.register_fake
 def _(x, ids, weights, gate_up_qweight, gate_up_scale, down_qweight, down_scale, act_name):
     return torch.empty_like(x)
+
+
+without_dynamo_import(int8_experts)
 
 
 def is_quantized(model: nn.Module) -> bool:
