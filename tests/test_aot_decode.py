@@ -166,3 +166,15 @@ def test_decode_compiler_setting(monkeypatch):
     monkeypatch.delenv("MMX_DECODE_COMPILER")
     engine = LLMEngine(tiny_model("tiny-m1"), max_model_len=32, enforce_eager=False)
     assert engine.decode_graph.compiler == "aot"  # auto, on the CPU
+
+
+def test_aot_falls_back_when_the_model_cannot_be_pickled(caplog):
+    """The child gets the model's structure pickled; a model holding something unpicklable (a lock) is compiled in
+    the process instead, with the reason logged."""
+    import threading
+
+    engine = LLMEngine(tiny_model("tiny-m1"), max_model_len=64, enforce_eager=False, decode_compiler="aot")
+    engine.model.model.guard = threading.Lock()
+    engine.decode_graph._prepare_aot()
+    assert engine.decode_graph.compiler == "inductor"
+    assert "compiling in this process instead" in caplog.text and "lock" in caplog.text

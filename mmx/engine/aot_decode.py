@@ -274,7 +274,10 @@ class AotDecode:
             json.dump(asdict(self.spec), f)
         with open(os.path.join(staging, "model.pt"), "wb") as f:
             f.write(self.structure)
-        env = {**os.environ, "OMP_NUM_THREADS": str(self.spec.threads)}
+        # the child imports mmx from where this process did (a source checkout on sys.path, not installed)
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+        env = {**os.environ, "OMP_NUM_THREADS": str(self.spec.threads), "PYTHONPATH": path}
         done = subprocess.run(
             [sys.executable, "-m", "mmx.engine.aot_decode", staging], env=env, capture_output=True, text=True
         )

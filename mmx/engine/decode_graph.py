@@ -186,17 +186,17 @@ class DecodeGraph:
         if self._aot is not None or self.compiler != "aot":
             return
         max_num_seqs, max_model_len = self._sizes
-        aot = AotDecode(
-            self.model,
-            self.layer_index,
-            (self._keys, self._values, self._states),
-            max_num_seqs,
-            max_model_len,
-            self.cache.block_size,
-            FEW_ROWS,
-            _code_digest(),
-        )
-        try:
+        try:  # a model that cannot be pickled (its structure goes to the child) falls back as a failed build does
+            aot = AotDecode(
+                self.model,
+                self.layer_index,
+                (self._keys, self._values, self._states),
+                max_num_seqs,
+                max_model_len,
+                self.cache.block_size,
+                FEW_ROWS,
+                _code_digest(),
+            )
             spent = aot.prepare()
         except Exception as e:
             why = str(e).strip().splitlines()
