@@ -14,8 +14,9 @@ own parameters and buffers as user-managed constants: the library reads the mode
 in-place weight update (an RL sync) is seen by the next step, as with the in-process graphs.
 
 The libraries are cached in ``~/.cache/mmx/aot/<key>`` (``MMX_AOT_CACHE`` overrides the root), keyed by the traced
-code, torch's version, the CPU's instruction sets (the code is compiled for this CPU), the model's tensor
-signature, the pool shapes and the batch ranges; a later start with the same settings loads them in under a second.
+code, torch's version, the CPU's instruction sets (the code is compiled for this CPU), the model's structure (its
+pickled meta copy: classes, attributes, shapes, strides, dtypes; not the weights' values), the pool shapes, the
+batch ranges and the thread count; a later start with the same settings loads them in under a second.
 """
 
 from __future__ import annotations
@@ -176,7 +177,7 @@ def build(folder: str) -> None:
             batch,
             batch,
             batch,
-            {0: rows, 1: TABLE_STEP * width} if rows else {1: TABLE_STEP * width},
+            {1: TABLE_STEP * width} if rows is None else {0: rows, 1: TABLE_STEP * width},
             batch,
             batch,
         )
