@@ -144,10 +144,10 @@ def _keep_weights_out_of_the_code(model: nn.Module) -> None:
 
 
 # ------------------------------------------------------------------------------------------- in the child process
-def build(folder: str) -> None:
-    """Export and compile every graph of ``folder``'s spec (written by :class:`AotDecode`); writes ``<kind>.so``
-    (with its ``.json`` of calls back into torch, when it has any) and ``<kind>.constants.pt`` (tensors the graph
-    holds that are not the model's)."""
+def build(folder: str, kinds: list[str]) -> None:
+    """Export and compile the graphs ``kinds`` of ``folder``'s spec (written by :class:`AotDecode`); writes
+    ``<kind>.so`` (with its ``.json`` of calls back into torch, when it has any) and ``<kind>.constants.pt`` (tensors
+    the graph holds that are not the model's)."""
     import torch._inductor
 
     with open(os.path.join(folder, "spec.json")) as f:
@@ -160,7 +160,8 @@ def build(folder: str) -> None:
     step = DecodeStep(model, spec.layer_index, spec.num_keys, spec.num_values).eval()
     pools = [torch.zeros(shape, dtype=getattr(torch, dtype.split(".")[-1])) for shape, _, dtype in spec.pools]
     width = torch.export.Dim("table_steps", min=1, max=max(spec.max_table_steps, 2))
-    for kind, (low, high) in spec.kinds.items():
+    for kind in kinds:
+        low, high = spec.kinds[kind]
         n = low if kind == "one" else max(low, 2)
         long = dict(dtype=torch.long)
         args = (
@@ -279,13 +280,25 @@ class AotDecode:
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
         path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
         env = {**os.environ, "OMP_NUM_THREADS": str(self.spec.threads), "PYTHONPATH": path}
-        done = subprocess.run(
-            [sys.executable, "-m", "mmx.engine.aot_decode", staging], env=env, capture_output=True, text=True
-        )
-        if done.returncode != 0:
+        # one child per graph, as many at once as there are CPUs: compiling is single-threaded C++ (g++)
+        command = [sys.executable, "-m", "mmx.engine.aot_decode", staging]
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        waiting, running, failed = list(self.spec.kinds), [], []
+        while waiting or running:
+            while waiting and len(running) < cpus:
+                kind = waiting.pop(0)
+                with open(os.path.join(staging, f"{kind}.log"), "w") as log:  # a file: a full pipe would stall it
+                    child = subprocess.Popen([*command, kind], env=env, stdout=subprocess.DEVNULL, stderr=log)
+                running.append((kind, child))
+            kind, child = running.pop(0)
+            if child.wait() != 0:
+                failed.append((kind, child.returncode))
+        if failed:
+            kind, code = failed[0]
+            with open(os.path.join(staging, f"{kind}.log")) as log:
+                tail = "\n".join(log.read().strip().splitlines()[-15:])
             shutil.rmtree(staging, ignore_errors=True)
-            tail = "\n".join(done.stderr.strip().splitlines()[-15:])
-            raise RuntimeError(f"ahead-of-time compilation failed (exit {done.returncode}):\n{tail}")
+            raise RuntimeError(f"ahead-of-time compilation of the {kind} graph failed (exit {code}):\n{tail}")
         os.remove(os.path.join(staging, "model.pt"))
         try:
             os.rename(staging, self.folder)
@@ -317,4 +330,4 @@ class AotDecode:
 
 
 if __name__ == "__main__":
-    build(sys.argv[1])
+    build(sys.argv[1], sys.argv[2:])
