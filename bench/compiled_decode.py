@@ -1,11 +1,13 @@
-"""Decode through the engine, eager against compiled (the default), on the bench models, in one run.
+"""Decode through the engine, eager against the two compilers of the decode step, on the bench models, in one run.
 
     python bench/compiled_decode.py [--models mmx-tiny,hybrid,m2] [--batches 1,4,16] [--threads 2]
 
 For each model and batch size B: B requests of 16-token prompts decode 128 tokens each (greedy, ignore_eos); the
 figure is decode tokens per second over the steps after every request has its first token (prefill excluded).
-The eager engine (``enforce_eager=True``, column-major weights) and the compiled one run alternately, 3 rounds,
-medians. The compiled engine's graphs are built first (``LLMEngine.warm_up``) and their build time is reported.
+The eager engine (``enforce_eager=True``, column-major weights) and the compiled ones (``decode_compiler``
+"inductor": torch.compile in the process; "aot": AOTInductor in a child process, the CPU's default) run
+alternately, 3 rounds, medians. The compiled engines' graphs are built first (``LLMEngine.warm_up``) and their
+build (or cache load) time is reported.
 """
 
 from __future__ import annotations
@@ -63,23 +65,29 @@ def main() -> None:
     batches = [int(b) for b in args.batches.split(",")]
     print(machine())
     print(f"threads {args.threads}; {args.tokens} decode tokens per request; medians of {args.rounds} rounds\n")
-    print("| model | batch | eager (tokens/s) | compiled (tokens/s) | compiled / eager | graphs built in |")
-    print("|---|---|---|---|---|---|")
+    print("| model | batch | eager (tokens/s) | inductor | aot | inductor / eager | aot / inductor | built in |")
+    print("|---|---|---|---|---|---|---|---|")
     for name in args.models.split(","):
         settings = dict(max_model_len=1024, max_num_seqs=max(batches))
-        eager = LLMEngine(build(name), enforce_eager=True, **settings)
-        compiled = LLMEngine(build(name), enforce_eager=False, **settings)
-        compiled.warm_up()
-        graph = compiled.decode_graph
-        built = f"failed: {graph.failed}" if graph.failed else f"{graph.compile_seconds:.0f} s"
+        engines = {"eager": LLMEngine(build(name), enforce_eager=True, **settings)}
+        built = []
+        for compiler in ("inductor", "aot"):
+            engine = LLMEngine(build(name), enforce_eager=False, decode_compiler=compiler, **settings)
+            engine.warm_up()
+            graph = engine.decode_graph
+            ok = graph.failed is None and graph.compiler == compiler
+            built.append(f"{compiler} {graph.compile_seconds:.0f} s" if ok else f"{compiler} failed or fell back")
+            engines[compiler] = engine
         for batch in batches:
-            rates: dict[str, list[float]] = {"eager": [], "compiled": []}
-            decode_rate(eager, batch, 8, 0), decode_rate(compiled, batch, 8, 0)  # first steps of a fresh engine
+            rates: dict[str, list[float]] = {kind: [] for kind in engines}
+            for engine in engines.values():
+                decode_rate(engine, batch, 8, 0)  # first steps of a fresh engine
             for r in range(args.rounds):
-                rates["eager"].append(decode_rate(eager, batch, args.tokens, r + 1))
-                rates["compiled"].append(decode_rate(compiled, batch, args.tokens, r + 1))
-            e, c = statistics.median(rates["eager"]), statistics.median(rates["compiled"])
-            print(f"| {name} | {batch} | {e:,.0f} | {c:,.0f} | {c / e:.2f}x | {built} |", flush=True)
+                for kind, engine in engines.items():
+                    rates[kind].append(decode_rate(engine, batch, args.tokens, r + 1))
+            e, i, a = (statistics.median(rates[kind]) for kind in ("eager", "inductor", "aot"))
+            rates_cells = f"{e:,.0f} | {i:,.0f} | {a:,.0f} | {i / e:.2f}x | {a / i:.2f}x"
+            print(f"| {name} | {batch} | {rates_cells} | {', '.join(built)} |", flush=True)
 
 
 if __name__ == "__main__":

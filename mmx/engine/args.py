@@ -41,7 +41,8 @@ class EngineArgs:
     # run every step eagerly; otherwise decode-only steps run as compiled graphs (torch.compile, inductor).
     # Default: $MMX_ENFORCE_EAGER (1 for eager), else compiled
     enforce_eager: bool = field(default_factory=lambda: os.environ.get("MMX_ENFORCE_EAGER", "0") not in ("", "0"))
-    # see DECODE_COMPILERS; default: $MMX_DECODE_COMPILER, else auto
+    # see DECODE_COMPILERS; default: $MMX_DECODE_COMPILER, else auto. Moot where nothing is compiled: enforce_eager,
+    # tensor-parallel engines
     decode_compiler: str = field(
         default_factory=lambda: os.environ.get("MMX_DECODE_COMPILER") or "auto", metadata={"choices": DECODE_COMPILERS}
     )
