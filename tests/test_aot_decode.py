@@ -19,6 +19,7 @@ from mmx.engine import LLMEngine
 from mmx.engine.aot_decode import AotDecode, batch_kinds
 from mmx.engine.args import EngineArgs
 from mmx.engine.decode_step import decode_logits
+from mmx.model.linear import FEW_ROWS
 
 from .conftest import tiny_model
 from .test_decode_graph import SETTINGS, needs_compiler
@@ -53,7 +54,7 @@ def test_aot_step_reads_the_engines_weights_in_place(preset):
 
     def both(n: int) -> float:
         args = _step_inputs(n, blocks)
-        kind = "one" if n == 1 else "few" if n <= 8 else "many"
+        kind = "one" if n == 1 else "few" if n <= FEW_ROWS else "many"
         with torch.inference_mode():
             ours = graph._aot.run(kind, args)
             written = [p.clone() for p in pools]
@@ -66,7 +67,7 @@ def test_aot_step_reads_the_engines_weights_in_place(preset):
             p.copy_(s)
         return max(((ours - reference).abs().max() / (1 + reference.abs().max())).item(), pool_gap)
 
-    for n in (1, 3, 10):
+    for n in (1, 3, FEW_ROWS + 2):
         assert both(n) < 2e-5, n
     with torch.no_grad():
         for t in [*engine.model.parameters(), *engine.model.buffers()]:
@@ -74,7 +75,7 @@ def test_aot_step_reads_the_engines_weights_in_place(preset):
                 t.add_(0.25)  # norms, biases, rates: the 1-D tensors inductor would have inlined
             elif t.is_floating_point():
                 t.mul_(1.5)
-    for n in (1, 3, 10):
+    for n in (1, 3, FEW_ROWS + 2):
         assert both(n) < 2e-5, n
 
 

@@ -30,10 +30,12 @@ needs_compiler = pytest.mark.skipif(
 
 
 def _traffic(vocab: int, seed: int = 7) -> list[tuple[list[int], int, int]]:
-    """(prompt, max_tokens, arrival step) of 14 requests: one alone first, then a few, then more than FEW_ROWS."""
+    """(prompt, max_tokens, arrival step) of FEW_ROWS + 6 requests: one alone first, then a few, then more than
+    FEW_ROWS."""
     gen = torch.Generator().manual_seed(seed)
     out = []
-    arrivals = [0, 14, 14, 15, 15, 15, 18, 18, 18, 18, 19, 19, 19, 19]
+    late = (FEW_ROWS + 1) // 2
+    arrivals = [0, 14, 14, 15, 15, 15] + [18] * late + [19] * (FEW_ROWS - late)
     for i, arrival in enumerate(arrivals):
         length = int(torch.randint(1, 40, (1,), generator=gen))
         prompt = torch.randint(0, vocab, (length,), generator=gen).tolist()
@@ -61,7 +63,7 @@ def _run(engine: LLMEngine, traffic, params: dict) -> dict[str, tuple[list[int],
 
 
 # the engine settings of the equality tests (tests/test_aot_decode.py builds the same engines, to share the libraries)
-SETTINGS = dict(max_model_len=160, max_num_seqs=12, max_num_batched_tokens=64, block_size=4)
+SETTINGS = dict(max_model_len=160, max_num_seqs=FEW_ROWS + 4, max_num_batched_tokens=64, block_size=4)
 
 
 def _engines(preset: str, compiler: str = "inductor", **kwargs) -> tuple[LLMEngine, LLMEngine]:
@@ -132,14 +134,14 @@ def test_compiled_decode_int8_on_mmx_tiny():
     path = embedded_model_path()
     tokenizer = Tokenizer.from_pretrained(path)
     prompts = MMX_TINY_PROMPTS
-    settings = dict(max_model_len=160, max_num_seqs=12, quantization="int8")
-    traffic = [(tokenizer.encode(text), 24, 0 if i == 0 else 30) for i, text in enumerate(prompts * 2)]
+    settings = dict(max_model_len=160, max_num_seqs=FEW_ROWS + 4, quantization="int8")
+    traffic = [(tokenizer.encode(text), 24, 0 if i == 0 else 30) for i, text in enumerate(prompts * 3)]
     eager = LLMEngine(load_model(path), enforce_eager=True, **settings)
     compiled = LLMEngine(load_model(path), enforce_eager=False, decode_compiler="inductor", **settings)
     expected, actual = _run(eager, traffic, {}), _run(compiled, traffic, {})
     assert compiled.decode_graph.failed is None and compiled.decode_graph._seen == {"one", "few", "many"}
     same = [key for key in expected if expected[key][0] == actual[key][0]]
-    assert len(same) >= 14, f"greedy text differs on {len(expected) - len(same)} of {len(expected)} requests"
+    assert len(same) >= 21, f"greedy text differs on {len(expected) - len(same)} of {len(expected)} requests"
     _assert_same({k: expected[k] for k in same}, {k: actual[k] for k in same}, 0.05)
 
 
@@ -212,3 +214,36 @@ def test_inductor_cache_is_kept_per_version_of_the_traced_code(monkeypatch, tmp_
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
     decode_graph._cache_dir()
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path)  # the user's choice stands
+
+
+def test_dot_products_only_where_they_pay(monkeypatch):
+    """Inside a compiled graph: one row always streams as dot products; up to FEW_ROWS rows only over a weight small
+    enough to stay in the cache between rows; more rows never. Outside a graph, never."""
+    small = torch.empty(256, 256)
+    large = torch.empty(linear_mod.STREAMED_WEIGHT_MAX_BYTES // 2 + 1, 2, dtype=torch.bfloat16)  # just over
+    rows = lambda n: torch.empty(n, 256)  # noqa: E731
+    assert not linear_mod.streams_rows(rows(1), small)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert linear_mod.streams_rows(rows(1), small) and linear_mod.streams_rows(rows(1), large)
+    assert linear_mod.streams_rows(rows(FEW_ROWS), small) and not linear_mod.streams_rows(rows(2), large)
+    assert not linear_mod.streams_rows(rows(FEW_ROWS + 1), small)
+
+
+@needs_compiler
+def test_few_rows_over_large_weights_take_the_blas(monkeypatch):
+    """Weights over STREAMED_WEIGHT_MAX_BYTES (all of them, here) at a few rows: the "few" graph calls the BLAS and
+    the grouped experts instead of dot products, and decodes as eager."""
+    import mmx.model.moe as moe_mod
+
+    monkeypatch.setattr(linear_mod, "STREAMED_WEIGHT_MAX_BYTES", 0)
+    grouped_calls = []
+    grouped = moe_mod.small_batch_moe
+    monkeypatch.setattr(moe_mod, "small_batch_moe", lambda *a: grouped_calls.append(1) or grouped(*a))
+    eager, compiled = _engines("tiny-m2", max_num_seqs=4)
+    traffic = [(list(range(3 + i, 12 + 2 * i)), 12, 0) for i in range(4)]
+    expected = _run(eager, traffic, {})
+    grouped_calls.clear()
+    actual = _run(compiled, traffic, {})
+    assert compiled.decode_graph.failed is None and compiled.decode_graph._seen == {"few"}
+    assert len(grouped_calls) >= 11 * compiled.config.num_hidden_layers  # the experts' grouped path, every step
+    _assert_same(expected, actual, 2e-4)

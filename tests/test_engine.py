@@ -6,6 +6,7 @@ import asyncio
 import dataclasses
 import math
 import os
+import time
 
 import pytest
 import torch
@@ -239,7 +240,9 @@ def test_async_streaming_and_client_abort():
 
     try:
         first, second, _ = asyncio.run(main())
-        assert [len(o.token_ids) for o in first] == list(range(1, 7)) and first[-1].finished
+        # one output per step, unless the reader fell behind (then the queued ones come as one)
+        assert [t for o in first for t in o.outputs[0].new_token_ids] == first[-1].token_ids and first[-1].finished
+        assert len(first[-1].token_ids) == 6
         assert second[-1].token_ids == greedy_generate_recompute(model, torch.tensor([[4, 5]]), 9)[0].tolist()
         for _ in range(50):  # the abort lands between steps
             if not engine.engine.has_unfinished_requests():
@@ -249,6 +252,47 @@ def test_async_streaming_and_client_abort():
         assert engine.stats.requests_aborted == 1 and engine.stats.requests_failed == 1
     finally:
         engine.shutdown()
+
+
+def test_a_reader_that_falls_behind_gets_the_queued_outputs_as_one():
+    """While the event loop is busy, the engine goes on stepping; the reader then gets one output carrying every
+    new token and log-prob since its last one, and the stream still adds up to the whole completion."""
+    model = tiny_model("tiny-m2")
+    engine = AsyncLLM(LLMEngine(model, max_model_len=64))
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=1)
+
+    async def lagging():
+        outs = []
+        async for out in engine.generate([5, 6, 7], params):
+            outs.append(out)
+            if len(outs) == 1:
+                time.sleep(0.5)  # blocks the loop: the engine's next outputs queue up meanwhile
+        return outs
+
+    try:
+        outs = asyncio.run(lagging())
+    finally:
+        engine.shutdown()
+    final = outs[-1].outputs[0]
+    assert final.token_ids == greedy_generate_recompute(model, torch.tensor([[5, 6, 7]]), 12)[0].tolist()
+    assert len(outs) < 12 and max(len(o.outputs[0].new_token_ids) for o in outs) > 1
+    assert [t for o in outs for t in o.outputs[0].new_token_ids] == final.token_ids
+    assert [e for o in outs for e in o.outputs[0].new_logprobs] == final.logprobs
+
+
+def test_merged_outputs_keep_every_sample():
+    from mmx.engine.async_engine import merge_outputs
+    from mmx.engine.outputs import CompletionOutput, RequestOutput
+
+    def sample(index, tokens, new):
+        return CompletionOutput(index, "", tokens, new_token_ids=new)
+
+    earlier = RequestOutput("r", None, [1], [sample(0, [7], [7]), sample(1, [8, 9], [9])])
+    later = RequestOutput("r", None, [1], [sample(0, [7, 10], [10])], finished=True)
+    merged = merge_outputs(earlier, later)
+    assert merged.finished and [s.index for s in merged.outputs] == [0, 1]
+    assert merged.outputs[0].new_token_ids == [7, 10] and merged.outputs[0].token_ids == [7, 10]
+    assert merged.outputs[1].new_token_ids == [9] and merged.outputs[0].new_logprobs is None
 
 
 def test_a_failing_step_fails_the_requests_in_flight_and_the_engine_goes_on():

@@ -2,6 +2,10 @@
 per step) from an asyncio queue. Requests enter and leave (abort, client gone, a stop string found by the output
 side) between steps, so the batch changes continuously.
 
+A step's outputs reach each event loop in one hand-over (one wake-up of the loop's thread, not one per request),
+and a reader that fell behind takes everything queued for it as one output (:func:`merge_outputs`): on a machine
+whose cores the engine's threads already fill, the serving side's work per step is what slows the steps down.
+
 On the CPU, load the model (and warm the engine up) on a thread that has ended before the engine thread starts
 (:func:`mmx.utils.threads.in_passing_thread`, as `mmx serve` does): a model loaded on the main thread leaves it an
 OpenMP pool, and with two pools every parallel op of the engine's steps runs 2-4x slower (see that module).
@@ -15,10 +19,10 @@ import itertools
 import queue
 import threading
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from mmx.engine.llm_engine import LLMEngine, RequestFailed
-from mmx.engine.outputs import RequestOutput
+from mmx.engine.outputs import CompletionOutput, RequestOutput
 from mmx.engine.sampling_params import SamplingParams
 from mmx.utils.logging import get_logger
 
@@ -42,12 +46,32 @@ class EngineStats:
     prefix_cache_snapshot_bytes: int = 0
 
 
+def merge_outputs(earlier: RequestOutput, later: RequestOutput) -> RequestOutput:
+    """One output standing for two consecutive ones of a request: the later one's state, with each sample's new
+    tokens (and their log-probs) since the earlier one's predecessor."""
+    before = {sample.index: sample for sample in earlier.outputs}
+    samples: list[CompletionOutput] = []
+    for sample in later.outputs:
+        old = before.pop(sample.index, None)
+        if old is not None:
+            new_logprobs = sample.new_logprobs
+            if old.new_logprobs is not None or new_logprobs is not None:
+                new_logprobs = list(old.new_logprobs or ()) + list(new_logprobs or ())
+            sample = replace(sample, new_token_ids=old.new_token_ids + sample.new_token_ids, new_logprobs=new_logprobs)
+        samples.append(sample)
+    samples += before.values()  # a sample the later output does not carry keeps its last report
+    samples.sort(key=lambda sample: sample.index)
+    return replace(later, outputs=samples)
+
+
 class AsyncLLM:
     def __init__(self, engine: LLMEngine):
         self.engine = engine
         self.stats = EngineStats()
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        # a step's deliveries per event loop, handed over together when the step is done
+        self._outbox: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, object]]] = {}
         self._wake = threading.Event()
         self._stop = False
         self._ids = itertools.count()
@@ -80,6 +104,9 @@ class AsyncLLM:
         try:
             while True:
                 item = await stream.get()
+                while not isinstance(item, BaseException) and not item.finished and not stream.empty():
+                    later = stream.get_nowait()  # fell behind: the queued outputs as one
+                    item = later if isinstance(later, BaseException) else merge_outputs(item, later)
                 if isinstance(item, BaseException):
                     raise item
                 finished = item.finished
@@ -123,8 +150,14 @@ class AsyncLLM:
         loop, stream = entry
         if isinstance(item, BaseException) or item.finished:
             self._streams.pop(request_id, None)
-        with contextlib.suppress(RuntimeError):  # a closed event loop: nobody is listening any more
-            loop.call_soon_threadsafe(stream.put_nowait, item)
+        self._outbox.setdefault(loop, []).append((stream, item))
+
+    def _hand_over(self) -> None:
+        """Pass the deliveries gathered since the last hand-over to their event loops, one call per loop."""
+        outbox, self._outbox = self._outbox, {}
+        for loop, items in outbox.items():
+            with contextlib.suppress(RuntimeError):  # a closed event loop: nobody is listening any more
+                loop.call_soon_threadsafe(_put_all, items)
 
     def _handle_commands(self) -> None:
         while True:
@@ -152,6 +185,7 @@ class AsyncLLM:
         while not self._stop:
             try:
                 self._run_once()
+                self._hand_over()
             except Exception as e:  # keep serving: fail the requests in flight, never end the engine thread
                 logger.exception("engine step failed; aborting the %d requests in flight", len(self.engine.requests))
                 for request_id in list(self.engine.requests):
@@ -162,12 +196,14 @@ class AsyncLLM:
                         self.engine.requests.pop(request_id, None)
                     self.stats.requests_failed += 1
                     self._deliver(request_id, RuntimeError(f"engine step failed: {e}"))
+                self._hand_over()
 
     def _run_once(self) -> None:
         self._handle_commands()
         self.stats.running = len(self.engine.scheduler.running)
         self.stats.waiting = len(self.engine.scheduler.waiting)
         if not self.engine.has_unfinished_requests():
+            self._hand_over()  # refusals of the requests just added, before the wait
             self._wake.wait(timeout=0.5)
             self._wake.clear()
             return
@@ -183,3 +219,8 @@ class AsyncLLM:
                 self._deliver(out.request_id, RequestFailed(f"the engine failed this request: {out.error}"))
             else:
                 self._deliver(out.request_id, out)
+
+
+def _put_all(items: list[tuple[asyncio.Queue, object]]) -> None:
+    for stream, item in items:
+        stream.put_nowait(item)

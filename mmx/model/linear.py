@@ -29,14 +29,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Up to this many rows, a compiled step computes x @ W.T as dot products (bench/decode_gemv.py: faster than the BLAS
-# below 8 rows, even at 8, slower from 16 for the dense maps; the experts still gain at 8).
-FEW_ROWS = 8
+# A compiled step writes x @ W.T as dot products, one row of x after the other, each row reading all of W. At one
+# row that beats the BLAS at every size; at up to FEW_ROWS rows, while W stays in the cache between rows
+# (bench/decode_gemv.py --sizes, 32 MiB L3: 0.54-0.76x the BLAS's time at one row from 1 to 128 MiB; at 8-16 rows
+# 0.78-1.08x up to 16 MiB, 1.12-2.03x from 32 MiB). The graphs' batch kinds split at FEW_ROWS: through the engine,
+# 12-24 sequences decode 1.2-1.6x faster on the bench models as dot products, experts included, than through the
+# BLAS and the grouped-GEMM experts (mmx.engine.decode_graph; docs/benchmarks.md).
+FEW_ROWS = 16
+STREAMED_WEIGHT_MAX_BYTES = 16 << 20
 
 
-def streams_rows(x: torch.Tensor) -> bool:
-    """Whether ``x @ W.T`` is to be written as dot products: inside a compiled graph, with few rows."""
-    return torch.compiler.is_compiling() and x.numel() <= FEW_ROWS * x.shape[-1]
+def streams_rows(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``x @ weight.T`` is to be written as dot products: inside a compiled graph, for one row, or for a
+    few rows of a weight small enough to be read again from the cache. For experts, ``weight`` is one expert's."""
+    if not torch.compiler.is_compiling() or x.numel() > FEW_ROWS * x.shape[-1]:
+        return False
+    return x.numel() <= x.shape[-1] or weight.numel() * weight.element_size() <= STREAMED_WEIGHT_MAX_BYTES
 
 
 def dot_rows(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -118,7 +126,7 @@ def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 def project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear``, as dot products when :func:`streams_rows`, through oneDNN when :func:`onednn_pays`."""
-    if weight.dim() == 2 and streams_rows(x):
+    if weight.dim() == 2 and streams_rows(x, weight):
         out = dot_rows(x, weight)
         return out if bias is None else out + bias
     return linear(x, weight, bias)

@@ -105,7 +105,8 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         grouped = ids.numel() <= GROUPED_MAX_PAIRS and self.grouped_supported(x)
         if torch.compiler.is_compiling():
-            if grouped and not streams_rows(x):  # one opaque call in the graph (see grouped_experts)
+            # one opaque call in the graph (see grouped_experts)
+            if grouped and not streams_rows(x, self.gate_up_proj[0]):
                 return grouped_experts(x, ids, weights, self.gate_up_proj, self.down_proj, self.act_name)
             return self.forward_gathered(x, ids, weights)
         if grouped:

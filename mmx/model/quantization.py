@@ -92,7 +92,7 @@ class Int8Linear(nn.Module):
         return cls(*quantize_rows(linear.weight, kernel_dtype(linear.weight.dtype)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if streams_rows(x):  # compiled, few rows: int8 weights widened as they stream in
+        if streams_rows(x, self.qweight):  # compiled, few rows: int8 weights widened as they stream in
             return (dot_rows(x, self.qweight).float() * self.weight_scale.float()).to(x.dtype)
         return int8_matmul(x, self.qweight, self.weight_scale)
 
@@ -118,7 +118,7 @@ class Int8Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
-            if streams_rows(x):
+            if streams_rows(x, self.gate_up_qweight[0]):
                 return mix_experts(
                     x, ids, weights, self._gathered(ids, "gate_up"), self._gathered(ids, "down"), self.act
                 )
