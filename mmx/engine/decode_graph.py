@@ -3,10 +3,11 @@
 A decode step is overhead-bound on small models: thousands of tiny eager ops around a few matrix products. Here a
 decode-only step (:func:`mmx.engine.decode_step.decode_logits`) runs compiled: the elementwise chains fuse into a
 few generated loops, attention reads the paged K/V through the block tables inside its own loops (no gathered
-copy), the lightning states are updated in their slots, and with few sequences every weight product streams its
-weights once as dot products (:mod:`mmx.model.linear`). Everything the step depends on is a tensor argument, and
-the batch size and the number of context blocks are dynamic dimensions, so three graphs serve every step: one
-sequence (torch specialises size 1), 2 to FEW_ROWS sequences (dot products), and more (BLAS). Steps that prefill,
+copy), the lightning states are updated in their slots, and with few sequences the weight products are written as
+dot products, each sequence streaming weights small enough to stay in the cache
+(:func:`mmx.model.linear.streams_rows`). Everything the step depends on is a tensor argument, and the batch size
+and the number of context blocks are dynamic dimensions, so three graphs serve every step: one sequence (torch
+specialises size 1), 2 to FEW_ROWS sequences (dot products where they pay), and more (BLAS). Steps that prefill,
 score prompts or capture prefix-cache states stay eager.
 
 Two compilers build the graphs. "aot" (the CPU's default) compiles them ahead of time in a child process
