@@ -230,16 +230,19 @@ def test_dot_products_only_where_they_pay(monkeypatch):
 
 
 @needs_compiler
-def test_few_rows_over_large_weights_take_the_blas(monkeypatch):
+@pytest.mark.parametrize("quantization", [None, "int8"])
+def test_few_rows_over_large_weights_take_the_blas(monkeypatch, quantization):
     """Weights over STREAMED_WEIGHT_MAX_BYTES (all of them, here) at a few rows: the "few" graph calls the BLAS and
-    the grouped experts instead of dot products, and decodes as eager."""
+    the grouped experts (fp32) or the int8 kernels instead of dot products, and decodes as eager."""
     import mmx.model.moe as moe_mod
+    import mmx.model.quantization as quant_mod
 
     monkeypatch.setattr(linear_mod, "STREAMED_WEIGHT_MAX_BYTES", 0)
     grouped_calls = []
-    grouped = moe_mod.small_batch_moe
-    monkeypatch.setattr(moe_mod, "small_batch_moe", lambda *a: grouped_calls.append(1) or grouped(*a))
-    eager, compiled = _engines("tiny-m2", max_num_seqs=4)
+    module, name = (moe_mod, "small_batch_moe") if quantization is None else (quant_mod, "int8_per_expert")
+    grouped = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *a: grouped_calls.append(1) or grouped(*a))
+    eager, compiled = _engines("tiny-m2", max_num_seqs=4, quantization=quantization)
     traffic = [(list(range(3 + i, 12 + 2 * i)), 12, 0) for i in range(4)]
     expected = _run(eager, traffic, {})
     grouped_calls.clear()
