@@ -22,7 +22,7 @@ from mmx.chat.reply import ReplyStream
 from mmx.chat.tokenizer import Tokenizer
 from mmx.engine.llm_engine import EngineArgs, LLMEngine
 from mmx.engine.outputs import RequestOutput
-from mmx.engine.sampling_params import SamplingParams
+from mmx.engine.sampling_params import RequestOutputKind, SamplingParams
 from mmx.engine.structured import ReasoningGate
 from mmx.model.modeling import MiniMaxForCausalLM
 from mmx.model.weights import load_model, resolve_model_path
@@ -177,7 +177,10 @@ class LLM:
             for prompt, p, factory in runs:
                 text, ids = (prompt, self.tokenizer.encode(prompt)) if isinstance(prompt, str) else (None, prompt)
                 request_id = f"gen-{next(self._ids)}"
-                self.engine.add_request(request_id, ids, p)
+                # only the final outputs are returned: followed by reply streams, each step's new tokens are all
+                # that is read (DELTA); otherwise only the last output is (FINAL_ONLY)
+                kind = RequestOutputKind.DELTA if factory is not None else RequestOutputKind.FINAL_ONLY
+                self.engine.add_request(request_id, ids, dataclasses.replace(p, output_kind=kind))
                 order.append(request_id)
                 texts[request_id] = text
                 if factory is not None:

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import mmx
-from mmx.engine import AsyncLLM, LLMEngine, SamplingParams
+from mmx.engine import AsyncLLM, LLMEngine, RequestOutputKind, SamplingParams
 from mmx.engine.cache import CacheLayout
 from mmx.llm import LLM
 from mmx.model.generate import greedy_generate_recompute
@@ -254,12 +254,13 @@ def test_async_streaming_and_client_abort():
         engine.shutdown()
 
 
-def test_a_reader_that_falls_behind_gets_the_queued_outputs_as_one():
+@pytest.mark.parametrize("kind", [RequestOutputKind.CUMULATIVE, RequestOutputKind.DELTA])
+def test_a_reader_that_falls_behind_gets_the_queued_outputs_as_one(kind):
     """While the event loop is busy, the engine goes on stepping; the reader then gets one output carrying every
     new token and log-prob since its last one, and the stream still adds up to the whole completion."""
     model = tiny_model("tiny-m2")
     engine = AsyncLLM(LLMEngine(model, max_model_len=64))
-    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=1)
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True, logprobs=1, output_kind=kind)
 
     async def lagging():
         outs = []
@@ -273,11 +274,46 @@ def test_a_reader_that_falls_behind_gets_the_queued_outputs_as_one():
         outs = asyncio.run(lagging())
     finally:
         engine.shutdown()
-    final = outs[-1].outputs[0]
-    assert final.token_ids == greedy_generate_recompute(model, torch.tensor([[5, 6, 7]]), 12)[0].tolist()
+    expected = greedy_generate_recompute(model, torch.tensor([[5, 6, 7]]), 12)[0].tolist()
     assert len(outs) < 12 and max(len(o.outputs[0].new_token_ids) for o in outs) > 1
-    assert [t for o in outs for t in o.outputs[0].new_token_ids] == final.token_ids
-    assert [e for o in outs for e in o.outputs[0].new_logprobs] == final.logprobs
+    assert [t for o in outs for t in o.outputs[0].new_token_ids] == expected
+    logprobs = [e for o in outs for e in o.outputs[0].new_logprobs]
+    assert len(logprobs) == 12
+    if kind == RequestOutputKind.DELTA:  # token_ids and logprobs are the new ones too
+        assert all(o.outputs[0].token_ids == o.outputs[0].new_token_ids for o in outs)
+        assert [e for o in outs for e in o.outputs[0].logprobs] == logprobs
+    else:
+        assert outs[-1].outputs[0].token_ids == expected and outs[-1].outputs[0].logprobs == logprobs
+
+
+def test_output_kinds():
+    """CUMULATIVE: everything so far in every output; DELTA: only what is new; FINAL_ONLY: one output at the end,
+    with everything. The same tokens and log-probs in all three."""
+    model = tiny_model("tiny-m1")
+
+    def outputs(kind):
+        engine = LLMEngine(model, max_model_len=64)
+        for i in range(2):
+            params = SamplingParams(temperature=0, max_tokens=6 + i, ignore_eos=True, logprobs=2, output_kind=kind)
+            engine.add_request(f"r{i}", [3 + i, 4, 5], params)
+        seen = {"r0": [], "r1": []}
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                seen[out.request_id].append(out)
+        return seen
+
+    cumulative, delta, final = (outputs(kind) for kind in RequestOutputKind)
+    for rid in ("r0", "r1"):
+        whole = cumulative[rid][-1].outputs[0]
+        assert [len(o.outputs[0].token_ids) for o in cumulative[rid]] == list(range(1, len(whole.token_ids) + 1))
+        assert all(len(o.outputs[0].token_ids) == 1 for o in delta[rid])
+        assert [t for o in delta[rid] for t in o.outputs[0].token_ids] == whole.token_ids
+        assert [e for o in delta[rid] for e in o.outputs[0].logprobs] == whole.logprobs
+        assert len(final[rid]) == 1 and final[rid][0].finished
+        assert final[rid][0].outputs[0].token_ids == whole.token_ids
+        assert final[rid][0].outputs[0].logprobs == whole.logprobs
+    with pytest.raises(ValueError, match="output_kind"):
+        SamplingParams(output_kind=3)
 
 
 def test_merged_outputs_keep_every_sample():

@@ -67,6 +67,22 @@ def test_stop_string_included_and_tokens_kept_up_to_it(tiny_tokenizer):
     assert stream.feed([1, 2, 3]) == [] and stream.finish("length") == []  # done: later tokens are ignored
 
 
+@pytest.mark.parametrize("chunk", [2, 3, 7, 1000])
+def test_chunks_of_tokens_stop_where_single_tokens_do(tiny_tokenizer, chunk):
+    """A server reader that fell behind feeds several tokens at once: the tokens and log-probs taken, the text
+    and the events are those of feeding one token at a time, none past the token that completed the stop string."""
+    stop = ["Checking"]
+    single, single_events = _run(tiny_tokenizer, REPLY, stop=stop)
+    tokens = tiny_tokenizer.encode(REPLY)
+    entries = [f"entry {i}" for i in range(len(tokens))]  # stand-ins for TokenLogprob
+    stream, events = ReplyStream(tiny_tokenizer, stop=stop), []
+    for i in range(0, len(tokens), chunk):
+        events += stream.feed(tokens[i : i + chunk], entries[i : i + chunk])
+    assert stream.done and stream.text == single.text and stream.token_ids == single.token_ids
+    assert stream.logprobs == entries[: len(single.token_ids)] and len(stream.token_ids) < len(tokens)
+    assert _text(events, ContentDelta) == _text(single_events, ContentDelta) and events[-1] == single_events[-1]
+
+
 def test_chat_reply_splits_like_the_parsers(tiny_tokenizer):
     stream, events = _run(tiny_tokenizer, REPLY, format=M2, tools=TOOLS)
     reasoning, rest = split_reasoning(REPLY, M2.name)

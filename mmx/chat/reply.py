@@ -109,9 +109,17 @@ class ReplyStream:
 
     # ------------------------------------------------------------------ input
     def feed(self, token_ids: list[int], logprobs: list[Any] | None = None) -> list[ReplyEvent]:
-        """Events for newly generated tokens (nothing once the reply is done)."""
+        """Events for newly generated tokens (nothing once the reply is done). Tokens after the one that completes
+        a stop string are not taken (``token_ids`` and ``logprobs`` stop there), however the tokens came in chunks."""
         if self.done:
             return []
+        if self.stops and len(token_ids) > 1:  # one at a time: a stop string may complete before the chunk's end
+            events: list[ReplyEvent] = []
+            for i, token in enumerate(token_ids):
+                events += self.feed([token], logprobs[i : i + 1] if logprobs else None)
+                if self.done:
+                    break
+            return events
         self.token_ids.extend(token_ids)
         if logprobs:
             self.logprobs.extend(logprobs)

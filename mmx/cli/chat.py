@@ -38,11 +38,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def stream_reply(engine, tokenizer, chat, prompt: str, params, tools, out=None) -> dict:
     """Generate one reply, printing it as it comes; returns the assistant message (OpenAI shape)."""
+    from dataclasses import replace
+
     from mmx.chat.reply import ContentDelta, ReasoningDelta, ReplyStream, ToolCallStart
+    from mmx.engine.sampling_params import RequestOutputKind
 
     out = out or sys.stdout
     stream = ReplyStream(tokenizer, chat.format, tools=tools, stop=params.stop)
-    engine.add_request("chat", tokenizer.encode(prompt), params)
+    engine.add_request("chat", tokenizer.encode(prompt), replace(params, output_kind=RequestOutputKind.DELTA))
     in_reasoning = False
 
     def show(events: list) -> None:

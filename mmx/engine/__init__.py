@@ -15,6 +15,7 @@ _EXPORTS = {
     "LLMEngine": "mmx.engine.llm_engine",
     "RequestFailed": "mmx.engine.llm_engine",
     "RequestOutput": "mmx.engine.outputs",
+    "RequestOutputKind": "mmx.engine.sampling_params",
     "SamplingParams": "mmx.engine.sampling_params",
 }
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "LLMEngine",
     "RequestFailed",
     "RequestOutput",
+    "RequestOutputKind",
     "SamplingParams",
 ]
 
@@ -33,6 +35,6 @@ if TYPE_CHECKING:
     from mmx.engine.async_engine import AsyncLLM
     from mmx.engine.llm_engine import InvalidRequest, LLMEngine, RequestFailed
     from mmx.engine.outputs import CompletionOutput, RequestOutput
-    from mmx.engine.sampling_params import SamplingParams
+    from mmx.engine.sampling_params import RequestOutputKind, SamplingParams
 
 __getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

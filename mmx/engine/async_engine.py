@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 
 from mmx.engine.llm_engine import LLMEngine, RequestFailed
 from mmx.engine.outputs import CompletionOutput, RequestOutput
-from mmx.engine.sampling_params import SamplingParams
+from mmx.engine.sampling_params import RequestOutputKind, SamplingParams
 from mmx.utils.logging import get_logger
 
 logger = get_logger(__name__)
@@ -46,22 +46,30 @@ class EngineStats:
     prefix_cache_snapshot_bytes: int = 0
 
 
-def merge_outputs(earlier: RequestOutput, later: RequestOutput) -> RequestOutput:
+def merge_outputs(earlier: RequestOutput, later: RequestOutput, delta: bool = False) -> RequestOutput:
     """One output standing for two consecutive ones of a request: the later one's state, with each sample's new
-    tokens (and their log-probs) since the earlier one's predecessor."""
+    tokens (and their log-probs) since the earlier one's predecessor; with ``delta`` (RequestOutputKind.DELTA),
+    ``token_ids`` and ``logprobs`` hold new ones only and are joined the same way."""
     before = {sample.index: sample for sample in earlier.outputs}
     samples: list[CompletionOutput] = []
     for sample in later.outputs:
         old = before.pop(sample.index, None)
         if old is not None:
-            new_logprobs = sample.new_logprobs
-            if old.new_logprobs is not None or new_logprobs is not None:
-                new_logprobs = list(old.new_logprobs or ()) + list(new_logprobs or ())
-            sample = replace(sample, new_token_ids=old.new_token_ids + sample.new_token_ids, new_logprobs=new_logprobs)
+            joined = {
+                "new_token_ids": old.new_token_ids + sample.new_token_ids,
+                "new_logprobs": _joined(old.new_logprobs, sample.new_logprobs),
+            }
+            if delta:
+                joined.update(token_ids=joined["new_token_ids"], logprobs=joined["new_logprobs"])
+            sample = replace(sample, **joined)
         samples.append(sample)
     samples += before.values()  # a sample the later output does not carry keeps its last report
     samples.sort(key=lambda sample: sample.index)
     return replace(later, outputs=samples)
+
+
+def _joined(first: list | None, second: list | None) -> list | None:
+    return None if first is None and second is None else [*(first or ()), *(second or ())]
 
 
 class AsyncLLM:
@@ -96,6 +104,7 @@ class AsyncLLM:
         return self._outputs(prompt_ids, params, request_id or f"req-{next(self._ids)}", group)
 
     async def _outputs(self, prompt_ids: list[int], params: SamplingParams, request_id: str, group: str | None):
+        delta = params.output_kind == RequestOutputKind.DELTA
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = (asyncio.get_running_loop(), stream)
         self._commands.put(("add", request_id, prompt_ids, params, group))
@@ -106,7 +115,7 @@ class AsyncLLM:
                 item = await stream.get()
                 while not isinstance(item, BaseException) and not item.finished and not stream.empty():
                     later = stream.get_nowait()  # fell behind: the queued outputs as one
-                    item = later if isinstance(later, BaseException) else merge_outputs(item, later)
+                    item = later if isinstance(later, BaseException) else merge_outputs(item, later, delta)
                 if isinstance(item, BaseException):
                     raise item
                 finished = item.finished

@@ -25,7 +25,7 @@ from mmx.engine.paged_batch import PagedBatch
 from mmx.engine.prefix_cache import PrefixCache
 from mmx.engine.prompt_logprobs import PromptScores, plan_jobs, score
 from mmx.engine.sampler import Sampler
-from mmx.engine.sampling_params import SamplingParams
+from mmx.engine.sampling_params import RequestOutputKind, SamplingParams
 from mmx.engine.scheduler import Scheduler, StepPlan
 from mmx.engine.sequence import Sequence, TokenLogprob
 from mmx.engine.structured import CompiledGrammar, GrammarCompiler
@@ -81,21 +81,25 @@ class _Request:
         return all(seq.is_finished for seq in self.seqs)
 
     def output(self) -> RequestOutput:
-        """The request so far; each sample carries the tokens (and log-probs) not reported before."""
+        """The request so far; each sample carries the tokens (and log-probs) not reported before, and, unless the
+        request asked for DELTA outputs, all of them."""
         want_logprobs = self.params.logprobs is not None
+        delta = self.params.output_kind == RequestOutputKind.DELTA
         outs = []
         for seq in self.seqs:
             sent, self.sent[seq.index] = self.sent[seq.index], len(seq.output_token_ids)
+            new_ids = seq.output_token_ids[sent:]
+            new_logprobs = seq.logprobs[sent:] if want_logprobs else None
             outs.append(
                 CompletionOutput(
                     index=seq.index,
                     text="",
-                    token_ids=list(seq.output_token_ids),
+                    token_ids=new_ids if delta else list(seq.output_token_ids),
                     finish_reason=seq.finish_reason,
                     stop_reason=self.stop_reasons[seq.index],
-                    logprobs=list(seq.logprobs) if want_logprobs else None,
-                    new_token_ids=seq.output_token_ids[sent:],
-                    new_logprobs=seq.logprobs[sent:] if want_logprobs else None,
+                    logprobs=new_logprobs if delta or not want_logprobs else list(seq.logprobs),
+                    new_token_ids=new_ids,
+                    new_logprobs=new_logprobs,
                 )
             )
         scores = self.prompt_scores
@@ -464,9 +468,11 @@ class LLMEngine:
                 self._append(request, seq, token, logprob)
         outputs = []
         for request in touched.values():
-            outputs.append(request.output())
             if request.finished:
                 self.requests.pop(request.request_id, None)
+            elif request.params.output_kind == RequestOutputKind.FINAL_ONLY:
+                continue
+            outputs.append(request.output())
         return outputs
 
     def _fail(self, request: _Request, why: str) -> None:

@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from enum import IntEnum
 
 from mmx.engine.structured import StructuredOutputsParams
 
 GREEDY_TEMPERATURE = 1e-5  # temperatures below this mean greedy decoding
 MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 0.01, 100.0
 MAX_SEED = 2**63 - 2**16  # each sample seeds its own generator with seed + index, which must fit in 64 bits
+
+
+class RequestOutputKind(IntEnum):
+    """What each of a request's outputs carries (vLLM's names and values)."""
+
+    CUMULATIVE = 0  # everything so far, after every step (``new_token_ids``: what the step added)
+    DELTA = 1  # only what is new since the previous output: ``token_ids`` and ``logprobs`` as ``new_*``
+    FINAL_ONLY = 2  # one output, when the request finishes, with everything
 
 
 @dataclass
@@ -55,6 +64,8 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     # a grammar the reply must follow (JSON schema, regex, choice, Lark / GBNF); see mmx.engine.structured
     structured_outputs: StructuredOutputsParams | None = None
+    # DELTA and FINAL_ONLY spare the engine copying a long sample's tokens and log-probs into every output
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -128,6 +139,10 @@ class SamplingParams:
             self.structured_outputs is None or isinstance(self.structured_outputs, StructuredOutputsParams),
             "must be a StructuredOutputsParams",
         )
+        self._check(
+            "output_kind", self.output_kind in tuple(RequestOutputKind), "must be a RequestOutputKind (0, 1 or 2)"
+        )
+        self.output_kind = RequestOutputKind(self.output_kind)
         # a finished grammar allows only EOS: with ignore_eos the sample could never end
         self._check(
             "ignore_eos",

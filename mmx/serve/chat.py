@@ -10,6 +10,7 @@ tools' schemas with a grammar (:func:`mmx.serve.structured_requests.constrain_ch
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 from collections.abc import AsyncIterator
@@ -24,7 +25,7 @@ from mmx.chat.reply import ReplyEvent, ReplyStream
 from mmx.chat.template import render_chat
 from mmx.chat.tokenizer import Tokenizer
 from mmx.engine.outputs import RequestOutput
-from mmx.engine.sampling_params import SamplingParams
+from mmx.engine.sampling_params import RequestOutputKind, SamplingParams
 
 
 class RequestError(ValueError):
@@ -243,8 +244,10 @@ def start_run(
     engine, prompt_ids: list[int], params: SamplingParams, request_id: str, streams, group: str | None = None, **fields
 ) -> Run:
     """Hand a prompt to the engine, which refuses a bad request here, before any response has started. The prompts
-    of one API request share a ``group``: they take turns with other requests as one."""
+    of one API request share a ``group``: they take turns with other requests as one. The run reads each output's
+    new tokens only (:func:`follow`), so it asks for DELTA outputs: no copy of the whole sample every step."""
     grouped = {"group": group} if group else {}
+    params = dataclasses.replace(params, output_kind=RequestOutputKind.DELTA)
     return Run(request_id, prompt_ids, engine.generate(prompt_ids, params, request_id, **grouped), streams, **fields)
 
 
@@ -262,8 +265,9 @@ async def follow(engine, run: Run) -> AsyncIterator[tuple[int, list[ReplyEvent],
                 stream = streams[sample.index]
                 if stream.done:
                     continue
+                taken = len(stream.token_ids)
                 events = stream.feed(sample.new_token_ids, sample.new_logprobs)
-                logprobs = list(sample.new_logprobs or ())
+                logprobs = list(sample.new_logprobs or ())[: len(stream.token_ids) - taken]  # none past a stop
                 if stream.done:
                     engine.finish_sequence(out.request_id, sample.index, stream.stop_reason)
                 elif sample.finish_reason is not None:
