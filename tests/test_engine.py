@@ -303,8 +303,9 @@ def test_output_kinds():
         return seen
 
     cumulative, delta, final = (outputs(kind) for kind in RequestOutputKind)
-    for rid in ("r0", "r1"):
+    for i, rid in enumerate(("r0", "r1")):
         whole = cumulative[rid][-1].outputs[0]
+        assert whole.token_ids == greedy_generate_recompute(model, torch.tensor([[3 + i, 4, 5]]), 6 + i)[0].tolist()
         assert [len(o.outputs[0].token_ids) for o in cumulative[rid]] == list(range(1, len(whole.token_ids) + 1))
         assert all(len(o.outputs[0].token_ids) == 1 for o in delta[rid])
         assert [t for o in delta[rid] for t in o.outputs[0].token_ids] == whole.token_ids
@@ -312,8 +313,9 @@ def test_output_kinds():
         assert len(final[rid]) == 1 and final[rid][0].finished
         assert final[rid][0].outputs[0].token_ids == whole.token_ids
         assert final[rid][0].outputs[0].logprobs == whole.logprobs
-    with pytest.raises(ValueError, match="output_kind"):
-        SamplingParams(output_kind=3)
+    for bad in (3, True, "delta"):
+        with pytest.raises(ValueError, match="output_kind"):
+            SamplingParams(output_kind=bad)
 
 
 def test_merged_outputs_keep_every_sample():

@@ -140,7 +140,9 @@ class SamplingParams:
             "must be a StructuredOutputsParams",
         )
         self._check(
-            "output_kind", self.output_kind in tuple(RequestOutputKind), "must be a RequestOutputKind (0, 1 or 2)"
+            "output_kind",
+            not isinstance(self.output_kind, bool) and self.output_kind in tuple(RequestOutputKind),
+            "must be a RequestOutputKind (0, 1 or 2)",
         )
         self.output_kind = RequestOutputKind(self.output_kind)
         # a finished grammar allows only EOS: with ignore_eos the sample could never end
