@@ -152,6 +152,17 @@ def test_aot_cache_key_follows_what_the_code_is_built_from():
     assert _aot_for(other).folder != first.folder
 
 
+def test_aot_memory_planning_is_on_unless_turned_off(monkeypatch):
+    """One allocation per step by default; MMX_AOT_MEMORY_PLANNING=0 (for A/B measurements) builds libraries of
+    its own instead of loading the planned ones."""
+    config = tiny_model("tiny-m2").config.to_dict()
+    planned = _aot_for(MiniMaxForCausalLM(MiniMaxConfig.from_dict(config)))
+    assert planned.spec.memory_planning
+    monkeypatch.setenv("MMX_AOT_MEMORY_PLANNING", "0")
+    unplanned = _aot_for(MiniMaxForCausalLM(MiniMaxConfig.from_dict(config)))
+    assert not unplanned.spec.memory_planning and unplanned.folder != planned.folder
+
+
 def test_batch_kinds_cover_every_batch():
     assert batch_kinds(1, 8) == {"one": (1, 1)}
     assert batch_kinds(8, 8) == {"one": (1, 1), "few": (2, 8)}

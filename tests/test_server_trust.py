@@ -14,9 +14,11 @@ import time
 
 import httpx
 import pytest
+import torch
 
 from mmx.embedded import embedded_model_path
 from mmx.engine import AsyncLLM, LLMEngine, SamplingParams
+from mmx.engine.sampler import finite_rows
 from mmx.llm import load_engine
 
 from .helpers import free_port, running_process
@@ -72,6 +74,16 @@ def test_a_sequence_with_non_finite_logits_fails_alone():
     for rid, ids in alone.items():
         assert done[rid].error is None and done[rid].token_ids == ids
     assert not engine.scheduler.running and engine.cache.num_free_slots == engine.cache.layout.num_slots
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_finite_rows_finds_every_non_finite_row(bad):
+    logits = torch.randn(6, 300)
+    logits[1, 7] = bad
+    logits[4, 299] = bad
+    logits[5] = 3e38  # every entry finite, but the row's sum overflows: must still count as finite
+    assert finite_rows(logits) == [True, False, True, True, False, True]
+    assert finite_rows(logits[[0, 2, 3]]) == [True, True, True]
 
 
 def test_probabilities_that_go_nan_under_a_penalty_fail_that_request_alone():

@@ -24,7 +24,7 @@ from mmx.engine.outputs import CompletionOutput, RequestOutput
 from mmx.engine.paged_batch import PagedBatch
 from mmx.engine.prefix_cache import PrefixCache
 from mmx.engine.prompt_logprobs import PromptScores, plan_jobs, score
-from mmx.engine.sampler import Sampler
+from mmx.engine.sampler import Sampler, finite_rows
 from mmx.engine.sampling_params import RequestOutputKind, SamplingParams
 from mmx.engine.scheduler import Scheduler, StepPlan
 from mmx.engine.sequence import Sequence, TokenLogprob
@@ -404,7 +404,7 @@ class LLMEngine:
         """(token, log-prob entry) per sequence, or (None, why) for a sequence that cannot be sampled: logits
         that are not finite, or a sampler error on its row (probabilities that went NaN under its penalties).
         The batch is sampled at once; only when that fails is it retried row by row, so one bad row fails alone."""
-        finite = torch.isfinite(logits).all(-1).tolist()
+        finite = finite_rows(logits)
         if all(finite):
             try:
                 return [self._checked(pick) for pick in self.sampler(logits, seqs)]
