@@ -1,6 +1,6 @@
 """oneDNN against MKL for float32 products on the CPU, the choice behind :func:`mmx.model.linear.linear`.
 
-    python bench/onednn_linear.py [--threads 2] [--parts products,experts,prefill,kernels]
+    python bench/onednn_linear.py [--threads 2] [--parts products,experts,prefill,blocks,kernels]
 
 Part 1: ``x @ W.T`` for the bench models' weight shapes at 1 to 2048 rows, through ``F.linear`` (MKL), oneDNN
 with the same plain weights called with the exact row count, and mmx's :func:`mmx.model.linear.onednn_linear`
@@ -9,7 +9,9 @@ with the same plain weights called with the exact row count, and mmx's :func:`mm
 top-k of T tokens) as torch's grouped GEMM and as the per-expert loop through :func:`mmx.model.linear.linear`.
 Part 3: a 4096-token prefill through the engine on the bench models (mmx-tiny, the tiny hybrid, tiny M2; fp32),
 with the oneDNN route off and on alternately (``mmx.model.linear.ONEDNN_LINEAR``), 3 rounds, medians.
-Part 4: resident memory added by 766 distinct row counts (100 to 2,396) of one 1024 x 256 weight, first through
+Part 4 (blocks): the same prefill with oneDNN called in blocks of 256 rows only (as before) and in blocks of 256
+rows times a power of two up to 8192 (:func:`mmx.model.linear.row_blocks`), alternately.
+Part 5: resident memory added by 766 distinct row counts (100 to 2,396) of one 1024 x 256 weight, first through
 :func:`mmx.model.linear.onednn_linear` (row blocks), then through oneDNN with exact row counts.
 """
 
@@ -29,6 +31,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+import mmx.model.linear as linear_mod
 from mmx.model.linear import onednn_linear, onednn_pays
 from mmx.model.moe import combine_per_expert, grouped_moe, swiglu
 
@@ -87,14 +90,15 @@ def experts() -> None:
             print(f"| {e} x ({d}, {i}), top-{k} | {tokens} | {g:.0f} | {lp:.0f} | {g / lp:.2f}x |")
 
 
-def prefill(rounds: int = 3, tokens: int = 4096) -> None:
+def prefill(toggle: Callable[[bool], None], labels: tuple[str, str], rounds: int = 3, tokens: int = 4096) -> None:
+    """A ``tokens``-token prefill through the engine on the bench models with ``toggle(False)`` and ``toggle(True)``
+    alternately; medians of ``rounds`` after one warm-up each."""
     from compiled_decode import build
 
-    import mmx.model.linear as linear_mod
     from mmx.engine import LLMEngine, SamplingParams
     from mmx.engine.args import EngineArgs
 
-    print("\n| model | prefill tokens/s, MKL | oneDNN route | ratio |")
+    print(f"\n| model | prefill tokens/s, {labels[0]} | {labels[1]} | ratio |")
     print("|---|---|---|---|")
     for name in ("mmx-tiny", "hybrid", "m2"):
         model = build(name)
@@ -104,16 +108,28 @@ def prefill(rounds: int = 3, tokens: int = 4096) -> None:
         rates: dict[bool, list[float]] = {False: [], True: []}
         for i in range(2 * rounds + 2):
             use = i % 2 == 1
-            linear_mod.ONEDNN_LINEAR = use
+            toggle(use)
             engine.add_request(f"p{i}", prompt.tolist(), SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
             start = time.perf_counter()
             while engine.has_unfinished_requests():
                 engine.step()
             if i >= 2:  # the first of each is a warm-up
                 rates[use].append(tokens / (time.perf_counter() - start))
-        linear_mod.ONEDNN_LINEAR = linear_mod._onednn_usable()
-        mkl, dnn = statistics.median(rates[False]), statistics.median(rates[True])
-        print(f"| {name} | {mkl:,.0f} | {dnn:,.0f} | {dnn / mkl:.2f}x |")
+        toggle(True)
+        off, on = statistics.median(rates[False]), statistics.median(rates[True])
+        print(f"| {name} | {off:,.0f} | {on:,.0f} | {on / off:.2f}x |")
+
+
+LARGEST_BLOCK = linear_mod.LARGEST_BLOCK
+
+
+def onednn_route(use: bool) -> None:
+    linear_mod.ONEDNN_LINEAR = use and linear_mod._onednn_usable()
+
+
+def large_blocks(use: bool) -> None:
+    """Blocks up to LARGEST_BLOCK rows (mmx's), or blocks of ROW_BLOCK rows only (before)."""
+    linear_mod.LARGEST_BLOCK = LARGEST_BLOCK if use else linear_mod.ROW_BLOCK
 
 
 def _rss_mib() -> float:
@@ -135,7 +151,7 @@ def kernels() -> None:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--parts", default="products,experts,prefill,kernels")
+    p.add_argument("--parts", default="products,experts,prefill,blocks,kernels")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     parts = args.parts.split(",")
@@ -145,7 +161,9 @@ def main() -> None:
         if "experts" in parts:
             experts()
     if "prefill" in parts:
-        prefill()
+        prefill(onednn_route, ("MKL", "oneDNN route"))
+    if "blocks" in parts:
+        prefill(large_blocks, ("oneDNN in 256-row blocks", "in blocks up to 8192 rows"))
     if "kernels" in parts:  # last: the exact row counts leave their kernels behind
         with torch.inference_mode():
             kernels()

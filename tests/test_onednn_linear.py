@@ -51,6 +51,30 @@ def test_large_products_go_through_onednn_and_match_float64(onednn_calls, shape,
     torch.testing.assert_close(out.double(), _reference(x, weight, bias), rtol=1e-5, atol=1e-4)
 
 
+def test_row_blocks_cover_the_rows_with_few_sizes():
+    allowed = set(linear_mod.ROW_SIZES) | {linear_mod.ROW_BLOCK << i for i in range(6)}
+    for rows in [*range(1, 1100), 3000, 4096, 8192, 8193, 20000]:
+        blocks = linear_mod.row_blocks(rows)
+        assert blocks[0][0] == 0 and all(size in allowed for _, size in blocks)
+        ends = [start + size for start, size in blocks]
+        assert all(end == start for end, (start, _) in zip(ends, blocks[1:]))  # back to back
+        assert ends[-1] >= rows and ends[-1] - rows < linear_mod.ROW_BLOCK  # only the last block is padded
+        assert all(size >= linear_mod.ROW_BLOCK for _, size in blocks[:-1])
+    assert linear_mod.row_blocks(4096) == [(0, 4096)]  # a prefill chunk: one call
+    assert linear_mod.row_blocks(700) == [(0, 512), (512, 192)]
+
+
+@needs_onednn
+@pytest.mark.parametrize("rows", [700, 3000])
+def test_products_over_several_blocks_match_float64(onednn_calls, rows):
+    gen = torch.Generator().manual_seed(rows)
+    weight, x = torch.randn(512, 256, generator=gen), torch.randn(rows, 256, generator=gen)
+    with torch.inference_mode():
+        out = linear(x, weight)
+    assert onednn_calls == [(rows, 256)] and out.shape == (rows, 512)
+    torch.testing.assert_close(out.double(), _reference(x, weight, None), rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize(
     "why, rows, weight_dtype",
     [

@@ -17,8 +17,9 @@ compiled graphs keep their own paths. ``MMX_ONEDNN_LINEAR=0`` turns it off (for 
 
 oneDNN builds (and caches, up to 1024) a kernel for every row count it sees, ~0.4 ms and ~0.5 MB each; a server's
 steps have ever-changing row counts, which made the first requests slow and grew a process by hundreds of MB. So
-rows go in blocks of ROW_BLOCK, and a remainder is padded up to one of a few sizes (ROW_SIZES): at most ten
-kernels per weight shape, for the price of copying the padded rows and the blocks' outputs.
+rows go in blocks of ROW_BLOCK times a power of two (up to LARGEST_BLOCK), and a remainder is padded up to one of a
+few sizes (ROW_SIZES): at most fifteen kernels per weight shape, for the price of copying the padded rows and, when
+there are several blocks, their outputs.
 """
 
 from __future__ import annotations
@@ -99,8 +100,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
-# Row counts oneDNN is called with: blocks of ROW_BLOCK rows, and a last block padded up to the next of ROW_SIZES.
+# Row counts oneDNN is called with: blocks of ROW_BLOCK rows times a power of two, the largest that fits, up to
+# LARGEST_BLOCK, and a last block under ROW_BLOCK padded up to the next of ROW_SIZES. A prefill chunk of 4096 rows is
+# then one call, not sixteen calls of 256 rows and a copy of their outputs into one tensor (8% of a tiny hybrid's
+# 4096-token prefill went to that copy: docs/benchmarks.md, "Prefill products in one call").
 ROW_BLOCK = 256
+LARGEST_BLOCK = ROW_BLOCK << 5
 ROW_SIZES = (8, 16, 32, 64, 96, 128, 160, 192, 224, 256)
 
 
@@ -108,15 +113,28 @@ def _padded_rows(rows: int) -> int:
     return next(size for size in ROW_SIZES if size >= rows)
 
 
+def row_blocks(rows: int) -> list[tuple[int, int]]:
+    """(first row, rows oneDNN is called with) of each block of a product of ``rows`` rows (see the notes above)."""
+    blocks, start = [], 0
+    while start < rows:
+        left = rows - start
+        if left < ROW_BLOCK:
+            blocks.append((start, _padded_rows(left)))
+            break
+        size = ROW_BLOCK << (min(left, LARGEST_BLOCK) // ROW_BLOCK).bit_length() - 1
+        blocks.append((start, size))
+        start += size
+    return blocks
+
+
 def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ weight.T + bias by oneDNN, with the weight as it is stored (no packing, no copy), called only with the
-    row counts of ROW_SIZES (see the module's notes)."""
+    row counts of :func:`row_blocks` (see the module's notes)."""
     flat = x.reshape(-1, x.shape[-1])
     rows = flat.shape[0]
     products = []
-    for start in range(0, rows, ROW_BLOCK):
-        block = flat[start : start + ROW_BLOCK]
-        size = _padded_rows(block.shape[0])
+    for start, size in row_blocks(rows):
+        block = flat[start : start + size]
         if size != block.shape[0]:
             block = torch.cat([block, block.new_zeros(size - block.shape[0], block.shape[1])])
         products.append(torch.ops.mkldnn._linear_pointwise(block, weight, bias, "none", [], ""))
