@@ -3,7 +3,7 @@
     python bench/aot_memory.py [--cases m2:1,m2-int8:1,hybrid:1,mmx-tiny:1,mmx-tiny:16] [--rounds 5]
 
 Each case is MODEL[-int8]:BATCH (models as in bench/compiled_decode.py). Two engines of the case are built, one
-with MMX_AOT_MEMORY_PLANNING=0 (each intermediate buffer of a step allocated on its own) and one with the default
+with the default (each intermediate buffer of a step allocated on its own) and one with MMX_AOT_MEMORY_PLANNING=1
 (one allocation per step), each graph in a cache folder of its own; then B requests of 16-token prompts decode
 --tokens tokens each (greedy) on one engine and then the other, alternately, --rounds times. The figure is the
 median decode step time (prefill excluded).

@@ -152,15 +152,15 @@ def test_aot_cache_key_follows_what_the_code_is_built_from():
     assert _aot_for(other).folder != first.folder
 
 
-def test_aot_memory_planning_is_on_unless_turned_off(monkeypatch):
-    """One allocation per step by default; MMX_AOT_MEMORY_PLANNING=0 (for A/B measurements) builds libraries of
-    its own instead of loading the planned ones."""
+def test_aot_memory_planning_only_when_asked(monkeypatch):
+    """One allocation per step with MMX_AOT_MEMORY_PLANNING=1, in libraries of their own (not the default ones)."""
     config = tiny_model("tiny-m2").config.to_dict()
+    monkeypatch.delenv("MMX_AOT_MEMORY_PLANNING", raising=False)
+    default = _aot_for(MiniMaxForCausalLM(MiniMaxConfig.from_dict(config)))
+    assert not default.spec.memory_planning
+    monkeypatch.setenv("MMX_AOT_MEMORY_PLANNING", "1")
     planned = _aot_for(MiniMaxForCausalLM(MiniMaxConfig.from_dict(config)))
-    assert planned.spec.memory_planning
-    monkeypatch.setenv("MMX_AOT_MEMORY_PLANNING", "0")
-    unplanned = _aot_for(MiniMaxForCausalLM(MiniMaxConfig.from_dict(config)))
-    assert not unplanned.spec.memory_planning and unplanned.folder != planned.folder
+    assert planned.spec.memory_planning and planned.folder != default.folder
 
 
 def test_batch_kinds_cover_every_batch():

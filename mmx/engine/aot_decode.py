@@ -58,11 +58,11 @@ class AotSpec:
     kinds: dict[str, tuple[int, int]]
     max_table_steps: int
     threads: int
-    # Inductor's memory planning: a step's intermediate buffers come out of one allocation per call instead of one
-    # allocation each (dozens a layer). bench/aot_memory.py: tiny M2 int8 at one sequence 11-14% faster, the other
-    # bench cases within the machine's noise (+-5%) either way. MMX_AOT_MEMORY_PLANNING=0 turns it off (for A/B
-    # measurements). Only here: in torch.compile's Python wrapper it warns on every call and ran slower.
-    memory_planning: bool = True
+    # Inductor's memory planning (MMX_AOT_MEMORY_PLANNING=1): a step's intermediate buffers come out of one
+    # allocation per call instead of one allocation each (dozens a layer). Off by default: bench/aot_memory.py finds
+    # tiny M2 int8 at one sequence 11-14% faster and the other bench cases within the machine's noise, while
+    # mmx-tiny's server holds 16 MiB more after 100 requests (442 against 426 MiB), past its 450 MB budget.
+    memory_planning: bool = False
 
 
 def batch_kinds(max_num_seqs: int, few_rows: int) -> dict[str, tuple[int, int]]:
@@ -258,7 +258,7 @@ class AotDecode:
             kinds=batch_kinds(max_num_seqs, few_rows),
             max_table_steps=math.ceil(math.ceil(max_model_len / block_size) / TABLE_STEP),
             threads=torch.get_num_threads(),
-            memory_planning=os.environ.get("MMX_AOT_MEMORY_PLANNING", "1") != "0",
+            memory_planning=os.environ.get("MMX_AOT_MEMORY_PLANNING", "0") == "1",
         )
         buffer = io.BytesIO()
         torch.save(meta_copy(model), buffer)
