@@ -121,7 +121,7 @@ def row_blocks(rows: int) -> list[tuple[int, int]]:
         if left < ROW_BLOCK:
             blocks.append((start, _padded_rows(left)))
             break
-        size = ROW_BLOCK << (min(left, LARGEST_BLOCK) // ROW_BLOCK).bit_length() - 1
+        size = ROW_BLOCK << ((min(left, LARGEST_BLOCK) // ROW_BLOCK).bit_length() - 1)  # largest power of two
         blocks.append((start, size))
         start += size
     return blocks
