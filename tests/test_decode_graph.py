@@ -232,11 +232,13 @@ def test_dot_products_only_where_they_pay(monkeypatch):
 @needs_compiler
 @pytest.mark.parametrize("quantization", [None, "int8"])
 def test_few_rows_over_large_weights_take_the_blas(monkeypatch, quantization):
-    """Weights over STREAMED_WEIGHT_MAX_BYTES (all of them, here) at a few rows: the "few" graph calls the BLAS and
-    the grouped experts (fp32) or the int8 kernels instead of dot products, and decodes as eager."""
+    """Weights over STREAMED_WEIGHT_MAX_BYTES (all of them, here) at a few rows: the "few" graph calls the BLAS and,
+    with the grouped expert kernel off (as where it cannot be built), torch's grouped GEMM (fp32) or the int8
+    kernels for the experts instead of dot products, and decodes as eager."""
     import mmx.model.moe as moe_mod
     import mmx.model.quantization as quant_mod
 
+    monkeypatch.setenv("MMX_EXPERT_ROWS", "0")
     monkeypatch.setattr(linear_mod, "STREAMED_WEIGHT_MAX_BYTES", 0)
     grouped_calls = []
     module, name = (moe_mod, "small_batch_moe") if quantization is None else (quant_mod, "int8_per_expert")
@@ -249,4 +251,34 @@ def test_few_rows_over_large_weights_take_the_blas(monkeypatch, quantization):
     actual = _run(compiled, traffic, {})
     assert compiled.decode_graph.failed is None and compiled.decode_graph._seen == {"few"}
     assert len(grouped_calls) >= 11 * compiled.config.num_hidden_layers  # the experts' grouped path, every step
+    _assert_same(expected, actual, 2e-4)
+
+
+@needs_compiler
+@pytest.mark.parametrize("compiler", ["inductor", "aot"])
+@pytest.mark.parametrize("quantization", [None, "experts_int8"])
+def test_few_sequences_group_their_experts(monkeypatch, compiler, quantization):
+    """2 to FEW_ROWS sequences: the "few" graph runs each layer's experts in the grouped kernel
+    (mmx.ops.expert_rows, each expert's weights read once for all its tokens) and decodes as the eager engine
+    (float32), or as the same graph with the kernel turned off (int8 experts: the eager int8 kernel rounds
+    activations to bfloat16, the graphs keep them in float32)."""
+    import mmx.ops.expert_rows as kernel_mod
+
+    settings = {**SETTINGS, "max_num_seqs": 4, "quantization": quantization}
+    traffic = [(list(range(3 + i, 12 + 2 * i)), 12, 0) for i in range(4)]
+    if quantization is None:
+        reference = LLMEngine(tiny_model("tiny-m2"), enforce_eager=True, **settings)
+    else:
+        monkeypatch.setenv("MMX_EXPERT_ROWS", "0")
+        reference = LLMEngine(tiny_model("tiny-m2"), enforce_eager=False, decode_compiler=compiler, **settings)
+    expected = _run(reference, traffic, {})
+    monkeypatch.delenv("MMX_EXPERT_ROWS", raising=False)
+    calls = []
+    library = kernel_mod.library
+    monkeypatch.setattr(kernel_mod, "library", lambda: calls.append(1) or library())
+    compiled = LLMEngine(tiny_model("tiny-m2"), enforce_eager=False, decode_compiler=compiler, **settings)
+    calls.clear()
+    actual = _run(compiled, traffic, {})
+    assert compiled.decode_graph.failed is None and compiled.decode_graph._seen == {"few"}
+    assert len(calls) >= 11 * compiled.config.num_hidden_layers  # every layer of every decode step
     _assert_same(expected, actual, 2e-4)

@@ -38,6 +38,9 @@ import torch
 from torch import nn
 
 from mmx.engine.decode_step import TABLE_STEP, DecodeStep
+from mmx.ops.expert_rows import cpu_flags
+from mmx.ops.expert_rows import enabled as expert_rows_enabled
+from mmx.ops.expert_rows import prepare as prepare_expert_rows
 from mmx.utils.logging import get_logger
 
 logger = get_logger(__name__)
@@ -63,6 +66,8 @@ class AotSpec:
     # tiny M2 int8 at one sequence 11-14% faster and the other bench cases within the machine's noise, while
     # mmx-tiny's server holds 16 MiB more after 100 requests (442 against 426 MiB), past its 450 MB budget.
     memory_planning: bool = False
+    # Whether the graphs call the grouped expert kernel (mmx.ops.expert_rows; MMX_EXPERT_ROWS=0 turns it off)
+    expert_rows: bool = True
 
 
 def batch_kinds(max_num_seqs: int, few_rows: int) -> dict[str, tuple[int, int]]:
@@ -73,14 +78,6 @@ def batch_kinds(max_num_seqs: int, few_rows: int) -> dict[str, tuple[int, int]]:
     if max_num_seqs > few_rows:
         kinds["many"] = (few_rows + 1, max_num_seqs)
     return kinds
-
-
-def _cpu_flags() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((line for line in f if line.startswith("flags")), "")
-    except OSError:
-        return platform.processor()
 
 
 def _cache_root() -> str:
@@ -95,7 +92,7 @@ def cache_key(structure: bytes, spec: AotSpec, code_digest: str) -> str:
         code_digest.encode(),
         torch.__version__.encode(),
         platform.machine().encode(),
-        _cpu_flags().encode(),
+        cpu_flags().encode(),
         structure,
         json.dumps(asdict(spec), sort_keys=True).encode(),
     ):
@@ -160,6 +157,8 @@ def build(folder: str, kinds: list[str]) -> None:
     raw["layer_index"] = {int(k): v for k, v in raw["layer_index"].items()}
     spec = AotSpec(**raw)
     torch.set_num_threads(spec.threads)  # inductor writes the thread count into the kernels
+    os.environ["MMX_EXPERT_ROWS"] = "1" if spec.expert_rows else "0"
+    prepare_expert_rows()
     model = materialize(torch.load(os.path.join(folder, "model.pt"), weights_only=False)).eval()
     _keep_weights_out_of_the_code(model)
     step = DecodeStep(model, spec.layer_index, spec.num_keys, spec.num_values).eval()
@@ -259,6 +258,7 @@ class AotDecode:
             max_table_steps=math.ceil(math.ceil(max_model_len / block_size) / TABLE_STEP),
             threads=torch.get_num_threads(),
             memory_planning=os.environ.get("MMX_AOT_MEMORY_PLANNING", "0") == "1",
+            expert_rows=expert_rows_enabled(),
         )
         buffer = io.BytesIO()
         torch.save(meta_copy(model), buffer)

@@ -37,6 +37,7 @@ from mmx.engine.decode_step import TABLE_STEP, decode_logits
 from mmx.engine.sequence import Sequence
 from mmx.model.linear import FEW_ROWS
 from mmx.model.modeling import MiniMaxForCausalLM
+from mmx.ops.expert_rows import prepare as prepare_expert_rows
 from mmx.utils.logging import get_logger
 
 logger = get_logger(__name__)
@@ -52,14 +53,15 @@ def _cache_dir() -> None:
 
 
 def _code_digest() -> str:
-    """A digest of the sources decode graphs are traced from (mmx.model, mmx.ops and the decode modules) and torch's
-    version: a change to either starts a cache of its own."""
+    """A digest of the sources decode graphs are traced from (mmx.model, mmx.ops with its C kernels, and the decode
+    modules) and torch's version: a change to either starts a cache of its own."""
     package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     digest = hashlib.sha256(torch.__version__.encode())
     here = os.path.dirname(os.path.abspath(__file__))
     paths = [os.path.join(here, name) for name in ("decode_graph.py", "decode_step.py", "aot_decode.py")]
     for folder in ("model", "ops"):
         paths += sorted(glob.glob(os.path.join(package, folder, "*.py")))
+    paths += sorted(glob.glob(os.path.join(package, "ops", "*.c")))  # kernels the graphs call
     for path in paths:
         with open(path, "rb") as f:
             digest.update(f.read())
@@ -105,6 +107,9 @@ class DecodeGraph:
         self.compile_seconds = 0.0  # first calls of each graph (compiling, or loading from the on-disk cache)
         self._seen: set[str] = set()
         self._graphs = 0
+        # built (or loaded) before any trace: the traced code only reads the decision (the ahead-of-time child
+        # decides again from its spec)
+        prepare_expert_rows()
         if compiler == "inductor":
             self._use_inductor()
 

@@ -29,7 +29,8 @@ from mmx.engine.args import QUANTIZATION_METHODS
 from mmx.model.activation import activation
 from mmx.model.fp8_linear import holds_fp8
 from mmx.model.linear import dot_rows, streams_rows
-from mmx.model.moe import Experts, combine_per_expert, mix_experts
+from mmx.model.moe import Experts, combine_per_expert, grouped_kernel_takes, mix_experts
+from mmx.ops.expert_rows import expert_rows
 from mmx.utils.custom_ops import without_dynamo_import
 from mmx.utils.logging import get_logger
 
@@ -118,6 +119,9 @@ class Int8Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
+            weights_and_scales = (self.gate_up_qweight, self.down_qweight, self.gate_up_scale, self.down_scale)
+            if grouped_kernel_takes(x, *weights_and_scales[:2], self.act_name, self.gate_up_scale):
+                return expert_rows(x, ids, weights, *weights_and_scales)
             if streams_rows(x, self.gate_up_qweight[0]):
                 return mix_experts(
                     x, ids, weights, self._gathered(ids, "gate_up"), self._gathered(ids, "down"), self.act
