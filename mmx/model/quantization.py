@@ -120,7 +120,7 @@ class Int8Experts(nn.Module):
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
             weights_and_scales = (self.gate_up_qweight, self.down_qweight, self.gate_up_scale, self.down_scale)
-            if grouped_kernel_takes(x, *weights_and_scales[:2], self.act_name, self.gate_up_scale):
+            if grouped_kernel_takes(x, ids, *weights_and_scales[:2], self.act_name, self.gate_up_scale):
                 return expert_rows(x, ids, weights, *weights_and_scales)
             if streams_rows(x, self.gate_up_qweight[0]):
                 return mix_experts(
