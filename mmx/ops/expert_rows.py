@@ -112,7 +112,8 @@ def supports(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, scale: 
 
     One token stays with the dot products: it reads each of its experts once either way, and there the dot
     products fuse with the layer's other loops while the op is a call back into Python from the graph
-    (bench/expert_rows.py, tiny M2 at one sequence: 1.07x slower in float32 and 1.45x in int8 with the kernel)."""
+    (tiny M2 at one sequence, two engines alternating in one process: 1.07x slower in float32 and 1.45x in int8
+    with the kernel; docs/benchmarks.md)."""
     if not _active or x.device.type != "cpu" or x.dtype != torch.float32 or gate_up.device.type != "cpu":
         return False
     if x.shape[0] < 2:  # one token reads each of its experts once anyway (see the docstring)
