@@ -124,12 +124,22 @@ def test_refuses_what_it_does_not_compute(monkeypatch):
 def test_the_op_names_what_it_cannot_take():
     gate_up, down = _experts(2, 64, 64)
     ids, weights = torch.tensor([[0], [1]]), torch.ones(2, 1)
-    with pytest.raises(ValueError, match="float32 rows"):
+    with pytest.raises(ValueError, match="float32 CPU rows"):
         expert_rows(torch.randn(2, 64).bfloat16(), ids, weights, gate_up, down)
     with pytest.raises(ValueError, match="both scales"):
         expert_rows(torch.randn(2, 64), ids, weights, gate_up.to(torch.int8), down.to(torch.int8))
     with pytest.raises(ValueError, match="multiples of 16"):
         expert_rows(torch.randn(2, 40), ids, weights, *_experts(2, 40, 64))
+    with pytest.raises(ValueError, match="weights \\[2\\]"):  # routing weights that do not match the ids
+        expert_rows(torch.randn(2, 64), ids, torch.ones(2), gate_up, down)
+    (qg, sg), (qd, sd) = quantize_rows(gate_up, torch.float32), quantize_rows(down, torch.bfloat16)
+    with pytest.raises(ValueError, match="one dtype"):
+        expert_rows(torch.randn(2, 64), ids, weights, qg, qd, sg, sd)
+    with pytest.raises(ValueError, match="one dtype"):  # a scale of the wrong shape
+        expert_rows(torch.randn(2, 64), ids, weights, qg, qd, sg, sg)
+    for bad in (-1, 2):  # expert ids out of range are refused before any memory is touched
+        with pytest.raises(ValueError, match=r"outside \[0, 2\)"):
+            expert_rows(torch.randn(2, 64), torch.tensor([[0], [bad]]), weights, gate_up, down)
 
 
 def test_without_a_compiler_it_says_why_once(monkeypatch, tmp_path, caplog):

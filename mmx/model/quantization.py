@@ -119,9 +119,9 @@ class Int8Experts(nn.Module):
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling():
-            weights_and_scales = (self.gate_up_qweight, self.down_qweight, self.gate_up_scale, self.down_scale)
-            if grouped_kernel_takes(x, ids, *weights_and_scales[:2], self.act_name, self.gate_up_scale):
-                return expert_rows(x, ids, weights, *weights_and_scales)
+            gate_up, down = self.gate_up_qweight, self.down_qweight
+            if grouped_kernel_takes(x, ids, gate_up, down, self.act_name, self.gate_up_scale):
+                return expert_rows(x, ids, weights, gate_up, down, self.gate_up_scale, self.down_scale)
             if streams_rows(x, self.gate_up_qweight[0]):
                 return mix_experts(
                     x, ids, weights, self._gathered(ids, "gate_up"), self._gathered(ids, "down"), self.act

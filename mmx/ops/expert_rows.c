@@ -8,7 +8,8 @@
  * sums. The first block of an expert's rows prefetches the next 4 weight rows: the expert's weights stream from
  * memory while the block computes (tiny M2's 16-row layer, 8 layers' weights in turn: 361 -> 228 us).
  *
- * Requires D % 16 == 0 and I % 16 == 0 (the caller checks). Returns 1 when its scratch memory cannot be had.
+ * Requires D % 16 == 0 and I % 16 == 0 (the caller checks). Returns 1 when its scratch memory cannot be had, 2
+ * when an expert id is out of range.
  * Sums are float32, in a fixed order: the result depends only on the inputs, not on the thread count.
  */
 #include <math.h>
@@ -113,14 +114,18 @@ INLINE v16 exp16(v16 x) {
 
 INLINE v16 silu16(v16 g) { return g / (splat(1.0f) + exp16(-g)); }
 
-/* Group the N*K (token, slot) pairs by expert: pair[start[e] .. start[e+1]) are expert e's, in token order. */
-static void group_pairs(const int64_t *ids, int P, int E, int32_t *start, int32_t *pair) {
+/* Group the N*K (token, slot) pairs by expert: pair[start[e] .. start[e+1]) are expert e's, in token order.
+ * Returns 1, touching nothing, when an expert id is outside [0, E). */
+static int group_pairs(const int64_t *ids, int P, int E, int32_t *start, int32_t *pair) {
     int32_t *fill = pair + P;
+    for (int p = 0; p < P; p++)
+        if (ids[p] < 0 || ids[p] >= E) return 1;
     memset(start, 0, sizeof(int32_t) * (E + 1));
     for (int p = 0; p < P; p++) start[ids[p] + 1]++;
     for (int e = 0; e < E; e++) start[e + 1] += start[e];
     memcpy(fill, start, sizeof(int32_t) * E);
     for (int p = 0; p < P; p++) pair[fill[ids[p]]++] = p;
+    return 0;
 }
 
 /* one int8 weight row's scale, stored as float32 or as bfloat16 (the upper half of a float32) */
@@ -150,7 +155,11 @@ INLINE float scale_at(const void *s, int bf16, int64_t k) {
             return 1;                                                                                                 \
         }                                                                                                             \
         int32_t *start = scratch, *pair = scratch + E + 1;                                                            \
-        group_pairs(ids, P, E, start, pair);                                                                          \
+        if (group_pairs(ids, P, E, start, pair)) {                                                                    \
+            free(act);                                                                                                \
+            free(scratch);                                                                                            \
+            return 2;                                                                                                 \
+        }                                                                                                             \
         _Pragma("omp parallel num_threads(threads)")                                                                  \
         {                                                                                                             \
             /* act[p, i] = silu(gate_i . x) * (up_i . x) for pair p, 4 features i at a time */                        \

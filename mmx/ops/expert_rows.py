@@ -154,21 +154,27 @@ def _expert_rows(
     n, k = ids.shape
     experts, d, i = down.shape
     quantized = gate_up.dtype == torch.int8
+    scales = [t for t in (gate_up_scale, down_scale) if t is not None]
     if (
         x.dtype != torch.float32
         or x.shape != (n, d)
+        or weights.shape != (n, k)
         or gate_up.shape != (experts, 2 * i, d)
         or d % VECTOR
         or i % VECTOR
         or gate_up.dtype not in (torch.float32, torch.int8)
         or down.dtype != gate_up.dtype
-        or quantized != (gate_up_scale is not None and down_scale is not None)
+        or any(t.device.type != "cpu" for t in (x, ids, weights, gate_up, down, *scales))
+        or len(scales) != (2 if quantized else 0)
+        or (quantized and (gate_up_scale.shape != (experts, 2 * i) or down_scale.shape != (experts, d)))
+        or any(t.dtype not in (torch.float32, torch.bfloat16) or t.dtype != scales[0].dtype for t in scales)
     ):
         raise ValueError(
-            "mmx::expert_rows takes float32 rows [N, D] and gate|up [E, 2I, D] / down [E, D, I] weights, float32 or "
-            f"int8 with both scales, D and I multiples of {VECTOR}; got rows {x.dtype} {list(x.shape)}, gate|up "
-            f"{gate_up.dtype} {list(gate_up.shape)}, down {down.dtype} {list(down.shape)}, scales "
-            f"{'given' if gate_up_scale is not None else 'none'}"
+            "mmx::expert_rows takes float32 CPU rows [N, D], routing ids and weights [N, k], and gate|up [E, 2I, D] / "
+            f"down [E, D, I] weights, float32 or int8 with both scales ([E, 2I], [E, D], one dtype), D and I multiples "
+            f"of {VECTOR}; got rows {x.dtype} {list(x.shape)} on {x.device}, ids {list(ids.shape)}, weights "
+            f"{list(weights.shape)}, gate|up {gate_up.dtype} {list(gate_up.shape)}, down {down.dtype} "
+            f"{list(down.shape)}, scales {[f'{t.dtype} {list(t.shape)}' for t in scales]}"
         )
     ids, mix = ids.to(torch.int64).contiguous(), weights.to(torch.float32).contiguous()
     tensors = [x, gate_up, down, gate_up_scale, down_scale]
@@ -182,6 +188,8 @@ def _expert_rows(
         _address(out),
         *(n, k, experts, d, i, torch.get_num_threads()),
     )
+    if failed == 2:
+        raise ValueError(f"mmx::expert_rows: an expert id is outside [0, {experts})")
     if failed:
         raise MemoryError(f"the grouped expert kernel could not allocate its scratch for {n * k} rows of {i}")
     return out
