@@ -257,15 +257,14 @@ def test_few_rows_over_large_weights_take_the_blas(monkeypatch, quantization):
 @needs_compiler
 @pytest.mark.parametrize("compiler", ["inductor", "aot"])
 @pytest.mark.parametrize("quantization", [None, "experts_int8"])
-def test_few_sequences_group_their_experts(monkeypatch, compiler, quantization):
-    """2 to FEW_ROWS sequences: the "few" graph runs each layer's experts in the grouped kernel
-    (mmx.ops.expert_rows, each expert's weights read once for all its tokens) and decodes as the eager engine
-    (float32), or as the same graph with the kernel turned off (int8 experts: the eager int8 kernel rounds
+def test_decode_graphs_group_their_experts(monkeypatch, compiler, quantization):
+    """2 to FEW_ROWS sequences, and one with float32 experts: the "few" (and "one") graphs run each layer's experts
+    in the grouped kernel (mmx.ops.expert_rows, each expert's weights read once for all its tokens; counted at
+    torch's dispatcher, where both the inductor wrapper's and the AOT graph's calls pass) and decode as the eager
+    engine (float32), or as the same graphs with the kernel turned off (int8 experts: the eager int8 kernel rounds
     activations to bfloat16, the graphs keep them in float32)."""
-    import mmx.ops.expert_rows as kernel_mod
-
     settings = {**SETTINGS, "max_num_seqs": 4, "quantization": quantization}
-    traffic = [(list(range(3 + i, 12 + 2 * i)), 12, 0) for i in range(4)]
+    traffic = [(list(range(3 + i, 12 + 2 * i)), 12 + 8 * (i == 3), 0) for i in range(4)]  # the last runs alone
     if quantization is None:
         reference = LLMEngine(tiny_model("tiny-m2"), enforce_eager=True, **settings)
     else:
@@ -273,12 +272,11 @@ def test_few_sequences_group_their_experts(monkeypatch, compiler, quantization):
         reference = LLMEngine(tiny_model("tiny-m2"), enforce_eager=False, decode_compiler=compiler, **settings)
     expected = _run(reference, traffic, {})
     monkeypatch.delenv("MMX_EXPERT_ROWS", raising=False)
-    calls = []
-    library = kernel_mod.library
-    monkeypatch.setattr(kernel_mod, "library", lambda: calls.append(1) or library())
     compiled = LLMEngine(tiny_model("tiny-m2"), enforce_eager=False, decode_compiler=compiler, **settings)
-    calls.clear()
-    actual = _run(compiled, traffic, {})
-    assert compiled.decode_graph.failed is None and compiled.decode_graph._seen == {"few"}
-    assert len(calls) >= 11 * compiled.config.num_hidden_layers  # every layer of every decode step
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        actual = _run(compiled, traffic, {})
+    calls = sum(event.count for event in profile.key_averages() if event.key == "mmx::expert_rows")
+    assert compiled.decode_graph.failed is None and compiled.decode_graph._seen == {"one", "few"}
+    steps = 11 if quantization else 19  # every step of 4 to 2 sequences, and of one with float32 experts
+    assert calls >= steps * compiled.config.num_hidden_layers
     _assert_same(expected, actual, 2e-4)

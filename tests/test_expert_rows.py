@@ -14,7 +14,9 @@ from mmx.model.linear import FEW_ROWS
 from mmx.model.quantization import quantize_rows
 from mmx.ops.expert_rows import expert_rows, prepare, supports
 
-needs_cc = pytest.mark.skipif(shutil.which("gcc") is None and shutil.which("cc") is None, reason="no C compiler")
+needs_cc = pytest.mark.skipif(
+    shutil.which("gcc") is None or shutil.which("g++") is None, reason="no C and C++ compilers"
+)
 
 
 def _oracle(x, ids, weights, gate_up, down):
@@ -103,12 +105,13 @@ def test_same_bits_at_any_thread_count():
 
 @needs_cc
 def test_refuses_what_it_does_not_compute(monkeypatch):
-    """Only two tokens or more, float32 activations, float32 weights or int8 with scales, dimensions in whole
-    vectors; and nothing when turned off."""
+    """Only float32 activations, float32 weights (any rows) or int8 with scales (two rows or more), dimensions in
+    whole vectors; and nothing when turned off."""
     gate_up, down = _experts(4, 64, 64)
     x = torch.randn(2, 64)
-    assert prepare() and supports(x, gate_up, down)
-    assert not supports(x[:1], gate_up, down)  # one token: the dot products
+    assert prepare() and supports(x, gate_up, down) and supports(x[:1], gate_up, down)
+    (qg, sg), (qd, _) = quantize_rows(gate_up, torch.float32), quantize_rows(down, torch.float32)
+    assert supports(x, qg, qd, sg) and not supports(x[:1], qg, qd, sg)
     assert not supports(x.bfloat16(), gate_up, down)
     assert not supports(x, gate_up.bfloat16(), down.bfloat16())
     assert not supports(x, gate_up.to(torch.int8), down.to(torch.int8))  # int8 without its scales
@@ -122,16 +125,23 @@ def test_refuses_what_it_does_not_compute(monkeypatch):
 
 @needs_cc
 def test_the_op_names_what_it_cannot_take():
+    """The op's own checks (in C++), raised as ValueErrors before the kernel touches anything."""
     gate_up, down = _experts(2, 64, 64)
     ids, weights = torch.tensor([[0], [1]]), torch.ones(2, 1)
-    with pytest.raises(ValueError, match="float32 CPU rows"):
+    with pytest.raises(ValueError, match=r"rows must be float32 \[N, D\], got BFloat16 \[2, 64\]"):
         expert_rows(torch.randn(2, 64).bfloat16(), ids, weights, gate_up, down)
+    with pytest.raises(ValueError, match="expert ids must be int64"):
+        expert_rows(torch.randn(2, 64), ids.int(), weights, gate_up, down)
     with pytest.raises(ValueError, match="both scales"):
         expert_rows(torch.randn(2, 64), ids, weights, gate_up.to(torch.int8), down.to(torch.int8))
+    with pytest.raises(ValueError, match="both scales"):  # scales with float32 weights
+        expert_rows(torch.randn(2, 64), ids, weights, gate_up, down, torch.ones(2, 128), torch.ones(2, 64))
     with pytest.raises(ValueError, match="multiples of 16"):
         expert_rows(torch.randn(2, 40), ids, weights, *_experts(2, 40, 64))
-    with pytest.raises(ValueError, match="weights \\[2\\]"):  # routing weights that do not match the ids
+    with pytest.raises(ValueError, match=r"routing weights .* got Float \[2\]"):
         expert_rows(torch.randn(2, 64), ids, torch.ones(2), gate_up, down)
+    with pytest.raises(ValueError, match=r"gate\|up must be \[E, 2I, D\]"):
+        expert_rows(torch.randn(2, 64), ids, weights, gate_up[:, :100], down)
     (qg, sg), (qd, sd) = quantize_rows(gate_up, torch.float32), quantize_rows(down, torch.bfloat16)
     with pytest.raises(ValueError, match="one dtype"):
         expert_rows(torch.randn(2, 64), ids, weights, qg, qd, sg, sd)
@@ -140,16 +150,30 @@ def test_the_op_names_what_it_cannot_take():
     for bad in (-1, 2):  # expert ids out of range are refused before any memory is touched
         with pytest.raises(ValueError, match=r"outside \[0, 2\)"):
             expert_rows(torch.randn(2, 64), torch.tensor([[0], [bad]]), weights, gate_up, down)
+    with pytest.raises(ValueError, match="threads must be 1 or more"):
+        torch.ops.mmx.expert_rows(torch.randn(2, 64), ids, weights, gate_up, down, None, None, 0)
+
+
+@needs_cc
+def test_strided_inputs_are_read_as_their_values():
+    """Views that are not contiguous (a transposed weight, a column slice of the rows) give the same result."""
+    gate_up, down = _experts(3, 32, 48)
+    ids, weights = _routing(4, 3, 2, seed=5)
+    wide = torch.randn(4, 64)
+    x = wide[:, ::2]
+    down_t = down.transpose(1, 2).contiguous().transpose(1, 2)
+    out = expert_rows(x, ids, weights, gate_up, down_t)
+    torch.testing.assert_close(out.double(), _oracle(x, ids, weights, gate_up, down), rtol=0, atol=2e-6)
 
 
 def test_without_a_compiler_it_says_why_once(monkeypatch, tmp_path, caplog):
-    monkeypatch.setattr(kernel_mod, "_library", None)
+    monkeypatch.setattr(kernel_mod, "_loaded", False)
     monkeypatch.setattr(kernel_mod, "_failed", None)
     monkeypatch.setenv("MMX_KERNEL_CACHE", str(tmp_path))
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     monkeypatch.setattr(kernel_mod, "_active", True)  # restored after the test
     with caplog.at_level("WARNING"):
-        assert kernel_mod.library() is None
+        assert not kernel_mod.library()
         assert not prepare()
     assert sum("grouped expert kernel unavailable" in r.getMessage() for r in caplog.records) == 1
     assert not supports(torch.randn(2, 64), *_experts(2, 64, 64))

@@ -61,7 +61,7 @@ def _code_digest() -> str:
     paths = [os.path.join(here, name) for name in ("decode_graph.py", "decode_step.py", "aot_decode.py")]
     for folder in ("model", "ops"):
         paths += sorted(glob.glob(os.path.join(package, folder, "*.py")))
-    paths += sorted(glob.glob(os.path.join(package, "ops", "*.c")))  # kernels the graphs call
+    paths += sorted(glob.glob(os.path.join(package, "ops", "*.c*")))  # kernels the graphs call (.c, .cpp)
     for path in paths:
         with open(path, "rb") as f:
             digest.update(f.read())

@@ -159,8 +159,8 @@ def grouped_kernel_takes(
     act_name: str,
     scale: torch.Tensor | None = None,
 ) -> bool:
-    """Whether a compiled graph runs these experts in the grouped kernel (mmx.ops.expert_rows): SiLU experts of two
-    tokens or more, up to GROUPED_MAX_PAIRS (token, expert) pairs, that the kernel takes. Each expert is read once,
+    """Whether a compiled graph runs these experts in the grouped kernel (mmx.ops.expert_rows): SiLU experts of up
+    to GROUPED_MAX_PAIRS (token, expert) pairs, that the kernel takes. Each expert is read once,
     not once per token as in the dot products; against torch's grouped GEMM and the int8 per-expert loop it is
     1.3-3.3x faster on the bench models' experts at 2-64 tokens and level at M2's expert size with 32 tokens
     (bench/expert_rows.py, docs/benchmarks.md)."""

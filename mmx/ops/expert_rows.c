@@ -1,12 +1,13 @@
 /* SwiGLU experts for a few tokens, each expert's weights read once for all the tokens routed to it.
  *
- * Built and loaded by mmx/ops/expert_rows.py (gcc -O3 -march=native -fopenmp; OpenMP shares libgomp's pool with
- * torch). Weights stay in the model's layout, rows of the input dimension: gate|up [E, 2I, D] and down [E, D, I],
- * float32, or int8 with one float32 or bfloat16 scale per output row. Products are dot products over 16-float
- * vectors in blocks of 4 routed rows x 4 weight rows: 16 accumulators, so every weight vector loaded serves up to 4
- * rows and every row vector 4 weight rows, and a transposing tree of shuffles turns the 16 accumulators into 16
- * sums. The first block of an expert's rows prefetches the next 4 weight rows: the expert's weights stream from
- * memory while the block computes (tiny M2's 16-row layer, 8 layers' weights in turn: 361 -> 228 us).
+ * Called by expert_rows_op.cpp (the op's checks), built with it by mmx/ops/expert_rows.py (gcc -O3 -march=native
+ * -fopenmp; OpenMP shares libgomp's pool with torch). Weights stay in the model's layout, rows of the input
+ * dimension: gate|up [E, 2I, D] and down [E, D, I], float32, or int8 with one float32 or bfloat16 scale per output
+ * row. Products are dot products over 16-float vectors in blocks of 4 routed rows x 4 weight rows: 16 accumulators,
+ * so every weight vector loaded serves up to 4 rows and every row vector 4 weight rows, and a transposing tree of
+ * shuffles turns the 16 accumulators into 16 sums. The first block of an expert's rows prefetches the next 4 weight
+ * rows: the expert's weights stream from memory while the block computes (tiny M2's 16-row layer, 8 layers' weights
+ * in turn: 361 -> 228 us).
  *
  * Requires D % 16 == 0 and I % 16 == 0 (the caller checks). Returns 1 when its scratch memory cannot be had, 2
  * when an expert id is out of range.

@@ -6,16 +6,17 @@ sequences: 48 MB a layer against 6 MB of experts). Here the (token, slot) pairs 
 every weight row is read once for all of its expert's rows, gate, up and the activation in one pass, down and the
 weighted sum in a second: one parallel region per layer instead of a dozen loops.
 
-The kernel is C compiled for this CPU on first use (``gcc -O3 -march=native -fopenmp``; it shares torch's OpenMP
-pool) and cached in ``~/.cache/mmx/kernels`` (``MMX_KERNEL_CACHE`` overrides it), keyed by its source, the
-compiler's version and the CPU's instruction sets. Without a C compiler it is unavailable and the callers keep
-their dot products. ``MMX_EXPERT_ROWS=0`` turns it off (for comparisons; decode graphs traced with it on and off
-are cached apart).
+The op ``mmx::expert_rows`` is defined here; its CPU kernel is C++ (``expert_rows_op.cpp``: the checks, written
+against torch's stable C ABI) over the C kernel, so a graph compiled ahead of time calls it without going
+through Python. Both are compiled for this CPU on first use (``gcc``/``g++ -O3 -march=native -fopenmp``, ~3 s;
+the kernel shares torch's OpenMP pool) and cached in ``~/.cache/mmx/kernels`` (``MMX_KERNEL_CACHE`` overrides
+it), keyed by the sources, the compilers' versions, the CPU's instruction sets and torch's version. Without the
+compilers it is unavailable and the callers keep their dot products. ``MMX_EXPERT_ROWS=0`` turns it off (for
+comparisons; decode graphs traced with it on and off are cached apart).
 """
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import os
 import platform
@@ -29,13 +30,16 @@ from mmx.utils.logging import get_logger
 
 logger = get_logger(__name__)
 
-SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "expert_rows.c")
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC"]
+HERE = os.path.dirname(os.path.abspath(__file__))
+KERNEL = os.path.join(HERE, "expert_rows.c")  # the kernel, plain C
+OP = os.path.join(HERE, "expert_rows_op.cpp")  # the op's checks and its registration, through torch's stable ABI
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC"]
 VECTOR = 16  # floats per vector in the kernel: both dimensions must be multiples of it
 
-_library: ctypes.CDLL | None = None
+_loaded = False
 _failed: str | None = None
 _active = False  # set by prepare()
+_threads = 1  # the thread count graphs traced now pass to the kernel (set by prepare())
 
 
 def enabled() -> bool:
@@ -53,70 +57,84 @@ def cpu_flags() -> str:
         return platform.processor()
 
 
-def _build(compiler: str) -> str:
-    """Path of the kernel's shared library, compiled first when it is not cached."""
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
-    with open(SOURCE, "rb") as f:
-        source = f.read()
+def _digest(*parts: bytes) -> str:
     digest = hashlib.sha256()
-    for part in (source, " ".join(FLAGS).encode(), version.encode(), cpu_flags().encode()):
+    for part in parts:
         digest.update(hashlib.sha256(part).digest())
+    return digest.hexdigest()[:16]
+
+
+def _build(cc: str, cxx: str) -> str:
+    """Path of the op's shared library, compiled first when it is not cached."""
+    versions = [subprocess.run([c, "--version"], capture_output=True, text=True, check=True).stdout for c in (cc, cxx)]
+    sources = []
+    for path in (KERNEL, OP):
+        with open(path, "rb") as f:
+            sources.append(f.read())
+    key = _digest(
+        *sources,
+        " ".join(FLAGS).encode(),
+        *(v.encode() for v in versions),
+        cpu_flags().encode(),
+        torch.__version__.encode(),
+    )
     root = os.environ.get("MMX_KERNEL_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "mmx", "kernels")
-    path = os.path.join(root, f"expert_rows-{digest.hexdigest()[:16]}.so")
-    if not os.path.exists(path):
-        os.makedirs(root, exist_ok=True)
-        fd, partial = tempfile.mkstemp(suffix=".so", dir=root)  # renamed into place: no reader sees half a file
-        os.close(fd)
-        try:
-            subprocess.run([compiler, *FLAGS, SOURCE, "-o", partial], capture_output=True, text=True, check=True)
-            os.replace(partial, path)
-        finally:
-            if os.path.exists(partial):
-                os.remove(partial)
+    path = os.path.join(root, f"expert_rows-{key}.so")
+    if os.path.exists(path):
+        return path
+    os.makedirs(root, exist_ok=True)
+    torch_dir = os.path.dirname(torch.__file__)
+    with tempfile.TemporaryDirectory(dir=root) as work:  # renamed into place: no reader sees half a file
+        kernel, partial = os.path.join(work, "kernel.o"), os.path.join(work, "op.so")
+        subprocess.run([cc, *FLAGS, "-c", KERNEL, "-o", kernel], capture_output=True, text=True, check=True)
+        link = ["-L", os.path.join(torch_dir, "lib"), "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{torch_dir}/lib"]
+        command = [cxx, *FLAGS, "-std=c++17", "-shared", "-I", os.path.join(torch_dir, "include"), OP, kernel]
+        subprocess.run([*command, *link, "-o", partial], capture_output=True, text=True, check=True)
+        os.replace(partial, path)
     return path
 
 
-def library() -> ctypes.CDLL | None:
-    """The loaded kernel, or None when it cannot be built here (said once, with the reason)."""
-    global _library, _failed
-    if _library is not None or _failed is not None:
-        return _library
-    compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+def library() -> bool:
+    """Whether the op's kernel is loaded (built first when needed); when it cannot be built here, says why once."""
+    global _loaded, _failed
+    if _loaded or _failed is not None:
+        return _loaded
+    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     try:
-        if compiler is None:
-            raise RuntimeError("no C compiler (gcc or cc) on PATH")
-        lib = ctypes.CDLL(_build(compiler))
+        if cc is None or cxx is None:
+            raise RuntimeError("no C and C++ compilers (gcc and g++) on PATH")
+        torch.ops.load_library(_build(cc, cxx))
     except (OSError, RuntimeError, subprocess.CalledProcessError) as e:
         detail = getattr(e, "stderr", "") or str(e)
         _failed = f"{type(e).__name__}: {detail.strip().splitlines()[-1] if detail.strip() else ''}"
         logger.warning("grouped expert kernel unavailable, experts run as dot products (%s)", _failed)
-        return None
-    for name in ("experts_f32", "experts_i8"):
-        getattr(lib, name).restype = ctypes.c_int
-    _library = lib
-    return _library
+        return False
+    _loaded = True
+    return True
 
 
 def prepare() -> bool:
     """Decide, before a graph is traced, whether it uses the kernel (enabled and built here); :func:`supports`
     reads that decision, so tracing (dynamo's included) never runs the compiler or reads the environment."""
-    global _active
-    _active = enabled() and library() is not None
+    global _active, _threads
+    _active = enabled() and library()
+    _threads = torch.get_num_threads()
     return _active
 
 
 def supports(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, scale: torch.Tensor | None = None) -> bool:
-    """Whether the kernel takes these experts: :func:`prepare` said yes, two tokens or more, CPU, float32
-    activations, float32 weights (or int8 with float32 / bfloat16 scales), both dimensions
-    multiples of VECTOR, SiLU (the caller checks the activation).
+    """Whether the kernel takes these experts: :func:`prepare` said yes, CPU, float32 activations, float32 weights
+    (or int8 with float32 / bfloat16 scales, from two tokens up), both dimensions multiples of VECTOR, SiLU (the
+    caller checks the activation).
 
-    One token stays with the dot products: it reads each of its experts once either way, and there the dot
-    products fuse with the layer's other loops while the op is a call back into Python from the graph
-    (tiny M2 at one sequence, two engines alternating in one process: 1.07x slower in float32 and 1.45x in int8
-    with the kernel; docs/benchmarks.md)."""
+    At one token, float32 weights take the kernel: its single parallel region beats the graph's fused dot products
+    (tiny M2 at one sequence, two engines alternating in one process: 0.85-0.95x the step time). int8 weights keep
+    the dot products there: their loops are cheap enough that the op's call costs what it saves (1.00x on tiny M2,
+    1.12x slower on the tiny hybrid; docs/benchmarks.md)."""
     if not _active or x.device.type != "cpu" or x.dtype != torch.float32 or gate_up.device.type != "cpu":
         return False
-    if x.shape[0] < 2:  # one token reads each of its experts once anyway (see the docstring)
+    if scale is not None and x.shape[0] < 2:  # see the docstring
         return False
     weight_dtype = torch.int8 if scale is not None else torch.float32
     if gate_up.dtype != weight_dtype or down.dtype != weight_dtype:
@@ -126,20 +144,19 @@ def supports(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, scale: 
     return down.shape[1] % VECTOR == 0 and down.shape[2] % VECTOR == 0
 
 
-def _address(t: torch.Tensor | None) -> ctypes.c_void_p | None:
-    return None if t is None else ctypes.c_void_p(t.data_ptr())
-
-
-# Defined through torch.library directly rather than torch.library.custom_op: a call then costs ~1.5 us of
-# dispatch instead of ~9 (custom_op's Python wrappers), which is most of a one-sequence layer's kernel time.
 torch.library.define(
     "mmx::expert_rows",
-    "(Tensor x, Tensor ids, Tensor weights, Tensor gate_up, Tensor down, Tensor? gate_up_scale=None, "
-    "Tensor? down_scale=None) -> Tensor",
+    "(Tensor x, Tensor ids, Tensor weights, Tensor gate_up, Tensor down, Tensor? gate_up_scale, Tensor? down_scale, "
+    "int threads) -> Tensor",
 )
 
 
-def _expert_rows(
+@torch.library.register_fake("mmx::expert_rows")
+def _(x, ids, weights, gate_up, down, gate_up_scale, down_scale, threads):
+    return torch.empty_like(x)
+
+
+def expert_rows(
     x: torch.Tensor,
     ids: torch.Tensor,
     weights: torch.Tensor,
@@ -148,62 +165,14 @@ def _expert_rows(
     gate_up_scale: torch.Tensor | None = None,
     down_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    lib = library()
-    if lib is None:
-        raise RuntimeError(f"the grouped expert kernel is unavailable ({_failed})")
-    n, k = ids.shape
-    experts, d, i = down.shape
-    quantized = gate_up.dtype == torch.int8
-    scales = [t for t in (gate_up_scale, down_scale) if t is not None]
-    if (
-        x.dtype != torch.float32
-        or x.shape != (n, d)
-        or weights.shape != (n, k)
-        or gate_up.shape != (experts, 2 * i, d)
-        or d % VECTOR
-        or i % VECTOR
-        or gate_up.dtype not in (torch.float32, torch.int8)
-        or down.dtype != gate_up.dtype
-        or any(t.device.type != "cpu" for t in (x, ids, weights, gate_up, down, *scales))
-        or len(scales) != (2 if quantized else 0)
-        or (quantized and (gate_up_scale.shape != (experts, 2 * i) or down_scale.shape != (experts, d)))
-        or any(t.dtype not in (torch.float32, torch.bfloat16) or t.dtype != scales[0].dtype for t in scales)
-    ):
-        raise ValueError(
-            "mmx::expert_rows takes float32 CPU rows [N, D], routing ids and weights [N, k], and gate|up [E, 2I, D] / "
-            f"down [E, D, I] weights, float32 or int8 with both scales ([E, 2I], [E, D], one dtype), D and I multiples "
-            f"of {VECTOR}; got rows {x.dtype} {list(x.shape)} on {x.device}, ids {list(ids.shape)}, weights "
-            f"{list(weights.shape)}, gate|up {gate_up.dtype} {list(gate_up.shape)}, down {down.dtype} "
-            f"{list(down.shape)}, scales {[f'{t.dtype} {list(t.shape)}' for t in scales]}"
-        )
-    ids, mix = ids.to(torch.int64).contiguous(), weights.to(torch.float32).contiguous()
-    tensors = [x, gate_up, down, gate_up_scale, down_scale]
-    x, gate_up, down, gate_up_scale, down_scale = (t if t is None else t.contiguous() for t in tensors)
-    out = torch.empty(n, d, dtype=torch.float32)
-    kernel = lib.experts_i8 if gate_up.dtype == torch.int8 else lib.experts_f32
-    bf16 = int(gate_up_scale is not None and gate_up_scale.dtype == torch.bfloat16)
-    failed = kernel(
-        *map(_address, (x, ids, mix, gate_up, gate_up_scale, down, down_scale)),
-        bf16,
-        _address(out),
-        *(n, k, experts, d, i, torch.get_num_threads()),
-    )
-    if failed == 2:
-        raise ValueError(f"mmx::expert_rows: an expert id is outside [0, {experts})")
-    if failed:
-        raise MemoryError(f"the grouped expert kernel could not allocate its scratch for {n * k} rows of {i}")
-    return out
-
-
-torch.library.impl("mmx::expert_rows", "CPU", _expert_rows)
-
-
-@torch.library.register_fake("mmx::expert_rows")
-def _(x, ids, weights, gate_up, down, gate_up_scale=None, down_scale=None):
-    return torch.empty_like(x)
-
-
-# sum_k weights[t, k] * down_e(silu(gate_e x_t) * up_e x_t), e = ids[t, k]: x [N, D] float32, ids [N, k],
-# weights [N, k], gate|up [E, 2I, D], down [E, D, I]; int8 weights come with their per-row scales [E, 2I] and [E, D]
-# (float32 or bfloat16). One op in a traced graph.
-expert_rows = torch.ops.mmx.expert_rows
+    """sum_k weights[t, k] * down_e(silu(gate_e x_t) * up_e x_t), e = ids[t, k]: x [N, D] float32, ids [N, k] int64,
+    weights [N, k] float32, gate|up [E, 2I, D], down [E, D, I]; int8 weights come with their per-row scales [E, 2I]
+    and [E, D] (float32 or bfloat16). One op in a traced graph, run on the thread count of :func:`prepare`'s time
+    (as inductor's own kernels are); called eagerly, on torch's current count. Bad input raises a ValueError."""
+    if torch.compiler.is_compiling():
+        threads = _threads
+    else:
+        if not library():
+            raise RuntimeError(f"the grouped expert kernel is unavailable ({_failed})")
+        threads = torch.get_num_threads()
+    return torch.ops.mmx.expert_rows(x, ids, weights, gate_up, down, gate_up_scale, down_scale, threads)
