@@ -106,7 +106,7 @@ def measure(model, caching: bool, args, vocab: int) -> dict:
         eos_token_ids=[END],
         max_model_len=args.max_model_len,
         max_num_seqs=args.sessions,
-        cache_memory_gb=args.cache_gb,
+        cache_memory_gb=args.cache_gb or None,
         enable_prefix_caching=caching,
         max_num_batched_tokens=args.max_num_batched_tokens,
     )
@@ -144,7 +144,9 @@ def main() -> None:
     p.add_argument("--system-tokens", type=int, default=2048)
     p.add_argument("--reply-tokens", default="32", help="tokens per reply: N, or LOW-HIGH drawn per turn")
     p.add_argument("--max-model-len", type=int, default=8192)
-    p.add_argument("--cache-gb", type=float, default=1.0)
+    p.add_argument(
+        "--cache-gb", type=float, default=1.0, help="the cache's size; 0: the engine's default (sized from the sessions)"
+    )
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens per step (the engine's default)")
     args = p.parse_args()
     print(f"machine: {machine()}\n")

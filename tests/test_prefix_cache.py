@@ -182,6 +182,34 @@ def test_eviction_under_a_small_budget_and_preemption(model):
     assert engine.prefix_cache.stats.hit_tokens > 0
 
 
+def test_the_cpu_cache_takes_cached_blocks_before_unwritten_ones(model):
+    """At its default size on the CPU (pages committed as written) the cache writes new blocks only while it caches
+    fewer than the running requests hold, and takes its least recently used cached ones past that: 12 distinct
+    prompts, one after another, leave it holding twice what one request needed, where a cache the user sized keeps
+    every prefix. Outputs are exact either way, and a prompt repeated right away is still read from the cache."""
+    gen = torch.Generator().manual_seed(8)
+    prompts = [[*_tokens(gen, 37), END, *_tokens(gen, 3)] for _ in range(12)]
+    settings = dict(max_model_len=256, max_num_seqs=8, max_num_batched_tokens=64, block_size=BLOCK)
+    default = LLMEngine(model, eos_token_ids=[END], **settings)
+    sized = _engine(model)
+    assert not default.cache.grow_for_prefix_cache and sized.cache.grow_for_prefix_cache
+    for engine in (default, sized):
+        for prompt in prompts:
+            (out,) = _run(engine, [prompt])
+            assert out.token_ids == _expected(model, prompt)
+    one_request = -(-(41 + 6) // BLOCK)
+    assert default.cache.num_touched_blocks <= 2 * one_request + 1
+    assert sized.cache.num_touched_blocks >= 12 * (41 // BLOCK)
+    if default.cache.uses_slots:
+        assert default.prefix_cache._rows_written <= default.cache.layout.num_slots < 12
+        assert sized.prefix_cache._rows_written >= 12
+    hits = default.prefix_cache.stats.hit_tokens
+    (out,) = _run(default, [prompts[-1]])
+    assert out.token_ids == _expected(model, prompts[-1])
+    assert default.prefix_cache.stats.hit_tokens - hits >= 40
+    assert default.cache.num_free_blocks == default.cache.layout.num_blocks
+
+
 def test_prompt_logprobs_requests_compute_every_prompt_token(model):
     gen = torch.Generator().manual_seed(7)
     prompt = _tokens(gen, 21)
@@ -362,13 +390,16 @@ def test_m2_template_re_renders_the_models_turn_to_the_same_tokens(tiny_tokenize
 
 
 # ---------------------------------------------------------------------------------------------------- random traffic
+@pytest.mark.parametrize("grow", [True, False])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_random_traffic_with_shared_prefixes_aborts_and_a_tight_cache(model, seed):
+def test_random_traffic_with_shared_prefixes_aborts_and_a_tight_cache(model, seed, grow):
     """Requests built from a few shared stems (some the exact prompt of an earlier request, some its prompt and
-    reply), arriving over time, some aborted midway, n up to 3, in a cache small enough to evict and preempt: every
-    completed output equals full-recompute greedy, and the cache's books balance at the end."""
+    reply), arriving over time, some aborted midway, n up to 3, in a cache small enough to evict and preempt, that
+    keeps cached blocks while unwritten ones remain or takes them first (the CPU's default): every completed output
+    equals full-recompute greedy, and the cache's books balance at the end."""
     gen = torch.Generator().manual_seed(100 + seed)
     engine = _tight_engine(model, snapshots=6, max_num_batched_tokens=24, max_model_len=96)
+    engine.cache.grow_for_prefix_cache = grow
     stems = [[*_tokens(gen, int(torch.randint(3, 20, (1,), generator=gen))), END] for _ in range(3)]
     finished: dict[str, tuple[list[int], list[list[int]]]] = {}
     prompts: dict[str, list[int]] = {}

@@ -8,6 +8,13 @@ Blocks are reference counted so that sequences can share the blocks of a common 
 :mod:`mmx.engine.prefix_cache`). A block whose last user lets go either becomes free or, when the prefix cache
 holds its contents, stays as it is among the *cached* blocks: free for the taking, but taken last (least recently
 used first), and reusable until then.
+
+Where the pools are committed page by page as first written (the CPU), the cache by default writes a block that no
+request has used yet only while it holds fewer cached blocks than the running sequences hold; past that it takes
+the least recently used cached block. The prefix cache then keeps as much again as the busiest moment's requests
+used, and the process holds that, rather than growing by every distinct prompt served until the pools, sized for
+``max_num_seqs`` sequences of ``max_model_len`` tokens, are all resident. A GPU's pools are committed whole, and a
+cache the user sized (``cache_memory_gb``) may use all its memory: there the free blocks always go first.
 """
 
 from __future__ import annotations
@@ -124,7 +131,16 @@ class HybridCache:
     """Storage and bookkeeping. K/V per softmax layer: [num_blocks, block_size, kv_heads, head_dim] (keys after
     RoPE); state per lightning layer: [num_slots, heads, head_dim, head_dim] float32."""
 
-    def __init__(self, config: MiniMaxConfig, layout: CacheLayout, dtype: torch.dtype, device: torch.device | str):
+    def __init__(
+        self,
+        config: MiniMaxConfig,
+        layout: CacheLayout,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        grow_for_prefix_cache: bool | None = None,
+    ):
+        """``grow_for_prefix_cache``: whether cached blocks are kept as long as never-used blocks remain (see the
+        module's docstring); None: only where the pools are not committed as written (off the CPU)."""
         self.config = config
         self.layout = layout
         self.block_size = layout.block_size
@@ -148,6 +164,11 @@ class HybridCache:
         self._free_heap = list(range(layout.num_blocks))
         self._free_slots = list(range(layout.num_slots - 1, -1, -1))
         self._users = [0] * layout.num_blocks  # sequences holding each block
+        # blocks go out lowest id first, so those below this mark are the ones ever written (committed on the CPU)
+        self.num_touched_blocks = 0
+        if grow_for_prefix_cache is None:
+            grow_for_prefix_cache = torch.device(device).type != "cpu"
+        self.grow_for_prefix_cache = grow_for_prefix_cache
         # Unused blocks whose contents the prefix cache indexes, least recently used first. They count as free;
         # taking one evicts it (``on_evict`` tells the prefix cache to forget it).
         self._cached: OrderedDict[int, None] = OrderedDict()
@@ -172,16 +193,34 @@ class HybridCache:
         return block
 
     def _take_free_block(self, after: int | None) -> int:
-        if after is not None and after + 1 in self._free_blocks:
+        if after is not None and after + 1 in self._free_blocks and self._may_touch(after + 1):
             self._free_blocks.remove(after + 1)
-            return after + 1
+            return self._touch(after + 1)
         while self._free_blocks:
-            block = heapq.heappop(self._free_heap)
-            if block in self._free_blocks:
-                self._free_blocks.remove(block)
-                return block
-        block, _ = self._cached.popitem(last=False)  # no free block left: evict the least recently used
+            block = self._free_heap[0]
+            if block not in self._free_blocks:  # a stale entry
+                heapq.heappop(self._free_heap)
+                continue
+            if not self._may_touch(block):
+                break
+            heapq.heappop(self._free_heap)
+            self._free_blocks.remove(block)
+            return self._touch(block)
+        block, _ = self._cached.popitem(last=False)  # evict the least recently used
         self.on_evict(block)
+        return block
+
+    def _may_touch(self, block: int) -> bool:
+        """Whether a free ``block`` goes before the cached ones: written before, or none cached, or fewer blocks
+        cached than running sequences hold, or the cache may grow for its cached blocks (see the module's
+        docstring)."""
+        if block < self.num_touched_blocks or not self._cached or self.grow_for_prefix_cache:
+            return True
+        in_use = self.layout.num_blocks - len(self._free_blocks) - len(self._cached)
+        return len(self._cached) < in_use
+
+    def _touch(self, block: int) -> int:
+        self.num_touched_blocks = max(self.num_touched_blocks, block + 1)
         return block
 
     def free_cached_blocks(self) -> None:

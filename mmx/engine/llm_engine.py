@@ -165,7 +165,9 @@ class LLMEngine:
         layout = CacheLayout.plan(
             cache_config, kv_dtype, budget, args.max_num_seqs, self.max_model_len, args.block_size, snapshot_bytes
         )
-        self.cache = HybridCache(cache_config, layout, kv_dtype, self.device)
+        # a cache the user sized may fill its memory with cached prefixes; by default it holds what requests need
+        grow = True if args.cache_memory_gb else None
+        self.cache = HybridCache(cache_config, layout, kv_dtype, self.device, grow_for_prefix_cache=grow)
         self.eos_token_ids = sorted({*self.config.eos_token_ids, *eos_token_ids})
         # the chat formats end every message with their EOS token: where a later turn may depart from this one
         self.prefix_cache = (

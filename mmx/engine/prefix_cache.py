@@ -34,7 +34,9 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from mmx.engine.cache import HybridCache
+import torch
+
+from mmx.engine.cache import CacheLayout, HybridCache
 from mmx.engine.sequence import Sequence
 from mmx.utils.memory import lazy_zeros
 
@@ -86,7 +88,8 @@ class PrefixCache:
             i: lazy_zeros((s, bs, *pool.shape[2:]), pool.dtype, pool.device) for i, pool in cache.keys.items()
         }
         self.tail_values = {i: lazy_zeros(tuple(t.shape), t.dtype, t.device) for i, t in self.tail_keys.items()}
-        self._free_rows = list(range(s - 1, -1, -1))
+        self._free_rows = list(range(s - 1, -1, -1))  # popped from the end: lowest first
+        self._rows_written = 0  # rows below it were filled before (see _may_write_row)
         self._snapshots: OrderedDict[BlockKey, int] = OrderedDict()  # key -> row, least recently used first
         self._by_parent: dict[int, dict[tuple[int, ...], int]] = {}  # chain id -> {tail tokens: row}
         self._captures: dict[int, list[tuple[int, int]]] = {}  # seq id -> (position, row) filled by this forward
@@ -296,14 +299,30 @@ class PrefixCache:
 
     def _free_row(self) -> int | None:
         """A snapshot row to fill: a free one, or the least recently used one's (None: all are being filled)."""
-        if self._free_rows:
-            return self._free_rows.pop()
+        if self._free_rows and (not self._snapshots or self._may_write_row(self._free_rows[-1])):
+            row = self._free_rows.pop()
+            self._rows_written = max(self._rows_written, row + 1)
+            return row
         if not self._snapshots:
             return None
         key, row = self._snapshots.popitem(last=False)
         self._unlink_snapshot(key)
         self.stats.snapshots_evicted += 1
         return row
+
+    def _may_write_row(self, row: int) -> bool:
+        """Whether a free ``row`` goes before evicting a snapshot. Rows go out lowest first (freed ones first again),
+        so those below ``_rows_written`` were written before. Where the cache keeps its memory to what its busiest
+        moment needed (:mod:`mmx.engine.cache`), a new row is written only while the rows written stay within one
+        per state slot or, if more, a third of the bytes of the blocks written: the share the snapshots have of
+        the cache's budget (:meth:`CacheLayout.plan`)."""
+        if row < self._rows_written or self.cache.grow_for_prefix_cache:
+            return True
+        layout, config = self.cache.layout, self.cache.config
+        dtype = next(iter(self.cache.keys.values())).dtype if self.cache.keys else torch.float32
+        per_row = CacheLayout.bytes_per_snapshot(config, self.block_size, dtype)
+        blocks = self.cache.num_touched_blocks * CacheLayout.bytes_per_block(config, self.block_size, dtype)
+        return self._rows_written < max(layout.num_slots, blocks // (3 * per_row))
 
     def _unlink_snapshot(self, key: BlockKey) -> None:
         parent, tail = key
