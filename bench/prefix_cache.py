@@ -145,7 +145,7 @@ def main() -> None:
     p.add_argument("--reply-tokens", default="32", help="tokens per reply: N, or LOW-HIGH drawn per turn")
     p.add_argument("--max-model-len", type=int, default=8192)
     p.add_argument(
-        "--cache-gb", type=float, default=1.0, help="the cache's size; 0: the engine's default (sized from the sessions)"
+        "--cache-gb", type=float, default=1.0, help="the cache's size; 0: the engine's default (from the sessions)"
     )
     p.add_argument("--max-num-batched-tokens", type=int, default=2048, help="tokens per step (the engine's default)")
     args = p.parse_args()
