@@ -7,7 +7,8 @@ written as dot products over the gathered weights (mmx.model.moe.mix_experts) an
 the weights of 1 layer (6 MiB, held in L3) and of 8 layers called in turn (50 MiB, streamed from memory, as in a
 decode step); microseconds a layer, best of 5 x 30 calls. "engine": two engines of each case, one with the
 kernel off (MMX_EXPERT_ROWS=0: dot products up to 16 sequences, torch's grouped GEMM or the int8 per-expert loop
-above) and one with it on, decoding alternately (bench/env_ab.py); ms a decode step.
+above) and one with it on, decoding alternately (bench/env_ab.py); ms a decode step. "dense": the same for the
+dense products of 2-16 rows (MMX_DENSE_ROWS: dot products against mmx::dense_rows).
 """
 
 from __future__ import annotations
@@ -88,3 +89,5 @@ if __name__ == "__main__":
         print()
     if "engine" in parts:
         compare(args, "MMX_EXPERT_ROWS", {"kernel off": "0", "grouped kernel": "1"})
+    if "dense" in parts:
+        compare(args, "MMX_DENSE_ROWS", {"dense dot products": "0", "dense 4 x 4 blocks": "1"})

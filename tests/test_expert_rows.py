@@ -12,7 +12,7 @@ import torch
 import mmx.ops.expert_rows as kernel_mod
 from mmx.model.linear import FEW_ROWS
 from mmx.model.quantization import quantize_rows
-from mmx.ops.expert_rows import expert_rows, prepare, supports
+from mmx.ops.expert_rows import dense_rows, dense_takes, expert_rows, prepare, supports
 
 needs_cc = pytest.mark.skipif(
     shutil.which("gcc") is None or shutil.which("g++") is None, reason="no C and C++ compilers"
@@ -179,3 +179,46 @@ def test_without_a_compiler_it_says_why_once(monkeypatch, tmp_path, caplog):
     assert not supports(torch.randn(2, 64), *_experts(2, 64, 64))
     with pytest.raises(RuntimeError, match="unavailable"):
         expert_rows(torch.randn(1, 64), torch.tensor([[0]]), torch.ones(1, 1), *_experts(2, 64, 64))
+
+
+@needs_cc
+@pytest.mark.parametrize("rows", [2, 3, 5, 8, FEW_ROWS])
+def test_dense_rows_match_float64(rows):
+    """A few rows times a float32 weight [O, D]: every row count of the "few" graph, leading dimensions kept."""
+    gen = torch.Generator().manual_seed(rows)
+    weight = torch.randn(36, 48, generator=gen)
+    x = torch.randn(rows, 1, 48, generator=gen)
+    out = dense_rows(x, weight)
+    assert out.shape == (rows, 1, 36) and out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), x.double() @ weight.double().T, rtol=0, atol=1e-5)
+
+
+@needs_cc
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16])
+def test_int8_dense_rows_match_float64(scale_dtype):
+    """int8 weights times their per-row scales, exactly the weights the oracle multiplies by."""
+    gen = torch.Generator().manual_seed(3)
+    weight, scale = quantize_rows(torch.randn(36, 48, generator=gen), scale_dtype)
+    x = torch.randn(FEW_ROWS - 3, 48, generator=gen)
+    widened = weight.double() * scale.double()[:, None]
+    torch.testing.assert_close(dense_rows(x, weight, scale).double(), x.double() @ widened.T, rtol=0, atol=1e-5)
+
+
+@needs_cc
+def test_dense_rows_take_and_refuse():
+    weight = torch.randn(36, 48)
+    assert prepare() and dense_takes(torch.randn(4, 48), weight)
+    assert not dense_takes(torch.randn(1, 48), weight)  # one row: the dot products stream the weight already
+    assert not dense_takes(torch.randn(FEW_ROWS + 1, 48), weight)
+    assert not dense_takes(torch.randn(4, 48).bfloat16(), weight.bfloat16())
+    assert not dense_takes(torch.randn(4, 40), torch.randn(36, 40))  # D not a multiple of 16
+    assert not dense_takes(torch.randn(4, 48), torch.randn(34, 48))  # O not a multiple of 4
+    with pytest.raises(ValueError, match=r"mmx::dense_rows: .* got BFloat16 \[2, 48\]"):
+        dense_rows(torch.randn(2, 48).bfloat16(), weight)
+    with pytest.raises(ValueError, match="O of 4"):
+        dense_rows(torch.randn(2, 48), torch.randn(34, 48))
+    quantized, _ = quantize_rows(weight, torch.float32)
+    with pytest.raises(ValueError, match="takes its scale"):
+        dense_rows(torch.randn(2, 48), quantized)
+    with pytest.raises(ValueError, match=r"scale must be .* got Float \[35\]"):
+        dense_rows(torch.randn(2, 48), quantized, torch.ones(35))

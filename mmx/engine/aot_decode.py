@@ -68,6 +68,8 @@ class AotSpec:
     memory_planning: bool = False
     # Whether the graphs call the grouped expert kernel (mmx.ops.expert_rows; MMX_EXPERT_ROWS=0 turns it off)
     expert_rows: bool = True
+    # Whether dense products of 2-16 rows call mmx.ops.expert_rows.dense_rows (MMX_DENSE_ROWS=0 turns it off)
+    dense_rows: bool = True
 
 
 def batch_kinds(max_num_seqs: int, few_rows: int) -> dict[str, tuple[int, int]]:
@@ -158,6 +160,7 @@ def build(folder: str, kinds: list[str]) -> None:
     spec = AotSpec(**raw)
     torch.set_num_threads(spec.threads)  # inductor writes the thread count into the kernels
     os.environ["MMX_EXPERT_ROWS"] = "1" if spec.expert_rows else "0"
+    os.environ["MMX_DENSE_ROWS"] = "1" if spec.dense_rows else "0"
     prepare_expert_rows()
     model = materialize(torch.load(os.path.join(folder, "model.pt"), weights_only=False)).eval()
     _keep_weights_out_of_the_code(model)
@@ -259,6 +262,7 @@ class AotDecode:
             threads=torch.get_num_threads(),
             memory_planning=os.environ.get("MMX_AOT_MEMORY_PLANNING", "0") == "1",
             expert_rows=expert_rows_enabled(),
+            dense_rows=os.environ.get("MMX_DENSE_ROWS", "1") != "0",
         )
         buffer = io.BytesIO()
         torch.save(meta_copy(model), buffer)

@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmx.ops.expert_rows import dense_rows, dense_takes
+
 # A compiled step writes x @ W.T as dot products, one row of x after the other, each row reading all of W. At one
 # row that beats the BLAS at every size; at up to FEW_ROWS rows, while W stays in the cache between rows
 # (bench/decode_gemv.py --sizes, 32 MiB L3: 0.54-0.76x the BLAS's time at one row from 1 to 128 MiB; at 8-16 rows
@@ -145,7 +147,7 @@ def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 def project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear``, as dot products when :func:`streams_rows`, through oneDNN when :func:`onednn_pays`."""
     if weight.dim() == 2 and streams_rows(x, weight):
-        out = dot_rows(x, weight)
+        out = dense_rows(x, weight) if dense_takes(x, weight) else dot_rows(x, weight)
         return out if bias is None else out + bias
     return linear(x, weight, bias)
 

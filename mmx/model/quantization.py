@@ -30,7 +30,7 @@ from mmx.model.activation import activation
 from mmx.model.fp8_linear import holds_fp8
 from mmx.model.linear import dot_rows, streams_rows
 from mmx.model.moe import Experts, combine_per_expert, grouped_kernel_takes, mix_experts
-from mmx.ops.expert_rows import expert_rows
+from mmx.ops.expert_rows import dense_rows, dense_takes, expert_rows
 from mmx.utils.custom_ops import without_dynamo_import
 from mmx.utils.logging import get_logger
 
@@ -94,6 +94,8 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if streams_rows(x, self.qweight):  # compiled, few rows: int8 weights widened as they stream in
+            if dense_takes(x, self.qweight):
+                return dense_rows(x, self.qweight, self.weight_scale)
             return (dot_rows(x, self.qweight).float() * self.weight_scale.float()).to(x.dtype)
         return int8_matmul(x, self.qweight, self.weight_scale)
 

@@ -212,3 +212,29 @@ INLINE float scale_at(const void *s, int bf16, int64_t k) {
     }
 DEFINE_EXPERTS(experts_f32, float, block_f32)
 DEFINE_EXPERTS(experts_i8, int8_t, block_i8)
+
+/* out[t, o] = x[t] . w[o] for N rows x [N, D] and a weight w [O, D] (float32, or int8 times a float32 or bfloat16
+ * scale per row), in the same 4 x 4 blocks: each block of 4 weight rows is read from memory once and serves every
+ * row of x from L1, where dot products per row read all of w again for each row. Requires D % 16 == 0 and
+ * O % 4 == 0 (the caller checks). */
+#define DEFINE_DENSE(NAME, WTYPE, BLOCK)                                                                              \
+    int NAME(const float *x, const WTYPE *w, const void *scale, int scale_bf16, float *out, int N, int D, int O,       \
+             int threads) {                                                                                           \
+        _Pragma("omp parallel for num_threads(threads) schedule(static)") for (int o = 0; o < O; o += 4) {           \
+            const WTYPE *wo = w + (int64_t)o * D;                                                                     \
+            for (int t = 0; t < N; t += 4) {                                                                          \
+                int m = N - t < 4 ? N - t : 4;                                                                        \
+                const float *rows[4];                                                                                 \
+                for (int r = 0; r < m; r++) rows[r] = x + (int64_t)(t + r) * D;                                       \
+                v16 y = BLOCK_FOR(BLOCK, wo, rows, m, D, t == 0);                                                     \
+                if (scale) {                                                                                          \
+                    v16 s = {SCALES4(scale, scale_bf16, o)};                                                          \
+                    y *= s;                                                                                           \
+                }                                                                                                     \
+                for (int r = 0; r < m; r++) memcpy(out + (int64_t)(t + r) * O + o, (float *)&y + 4 * r, 16);         \
+            }                                                                                                         \
+        }                                                                                                             \
+        return 0;                                                                                                     \
+    }
+DEFINE_DENSE(dense_f32, float, block_f32)
+DEFINE_DENSE(dense_i8, int8_t, block_i8)

@@ -4,15 +4,17 @@ Written as dot products per token (:func:`mmx.model.moe.mix_experts`), a decode 
 token's k experts: N x k expert matrices per layer, most of them the same few read again (tiny M2 at 16
 sequences: 48 MB a layer against 6 MB of experts). Here the (token, slot) pairs are grouped by expert first and
 every weight row is read once for all of its expert's rows, gate, up and the activation in one pass, down and the
-weighted sum in a second: one parallel region per layer instead of a dozen loops.
+weighted sum in a second: one parallel region per layer instead of a dozen loops. The same 4 x 4 blocks make
+``mmx::dense_rows``, a dense product of 2-16 rows that reads each weight row once for all of them, where dot
+products per row read the whole weight again for each row.
 
-The op ``mmx::expert_rows`` is defined here; its CPU kernel is C++ (``expert_rows_op.cpp``: the checks, written
-against torch's stable C ABI) over the C kernel, so a graph compiled ahead of time calls it without going
-through Python. Both are compiled for this CPU on first use (``gcc``/``g++ -O3 -march=native -fopenmp``, ~3 s;
-the kernel shares torch's OpenMP pool) and cached in ``~/.cache/mmx/kernels`` (``MMX_KERNEL_CACHE`` overrides
-it), keyed by the sources, the compilers' versions, the CPU's instruction sets and torch's version. Without the
-compilers it is unavailable and the callers keep their dot products. ``MMX_EXPERT_ROWS=0`` turns it off (for
-comparisons; decode graphs traced with it on and off are cached apart).
+The ops are defined here; their CPU kernels are C++ (``expert_rows_op.cpp``: the checks, written against torch's
+stable C ABI) over the C kernels, so a graph compiled ahead of time calls them without going through Python. Both
+are compiled for this CPU on first use (``gcc``/``g++ -O3 -march=native -fopenmp``, ~3 s; the kernel shares torch's
+OpenMP pool) and cached in ``~/.cache/mmx/kernels`` (``MMX_KERNEL_CACHE`` overrides it), keyed by the sources, the
+compilers' versions, the CPU's instruction sets and torch's version. Without the compilers it is unavailable and the
+callers keep their dot products. ``MMX_EXPERT_ROWS=0`` turns it off, and ``MMX_DENSE_ROWS=0`` the dense op alone
+(for comparisons; decode graphs traced either way are cached apart).
 """
 
 from __future__ import annotations
@@ -151,9 +153,27 @@ torch.library.define(
 )
 
 
+torch.library.define("mmx::dense_rows", "(Tensor x, Tensor weight, Tensor? scale, int threads) -> Tensor")
+
+
+@torch.library.register_fake("mmx::dense_rows")
+def _(x, weight, scale, threads):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
 @torch.library.register_fake("mmx::expert_rows")
 def _(x, ids, weights, gate_up, down, gate_up_scale, down_scale, threads):
     return torch.empty_like(x)
+
+
+def _threads_now() -> int:
+    """The thread count an op call passes: :func:`prepare`'s in a graph being traced (inductor's kernels bake
+    theirs in too), torch's current one when called eagerly (the kernels built first, or why not)."""
+    if torch.compiler.is_compiling():
+        return _threads
+    if not library():
+        raise RuntimeError(f"the grouped expert kernel is unavailable ({_failed})")
+    return torch.get_num_threads()
 
 
 def expert_rows(
@@ -169,10 +189,30 @@ def expert_rows(
     weights [N, k] float32, gate|up [E, 2I, D], down [E, D, I]; int8 weights come with their per-row scales [E, 2I]
     and [E, D] (float32 or bfloat16). One op in a traced graph, run on the thread count of :func:`prepare`'s time
     (as inductor's own kernels are); called eagerly, on torch's current count. Bad input raises a ValueError."""
-    if torch.compiler.is_compiling():
-        threads = _threads
-    else:
-        if not library():
-            raise RuntimeError(f"the grouped expert kernel is unavailable ({_failed})")
-        threads = torch.get_num_threads()
-    return torch.ops.mmx.expert_rows(x, ids, weights, gate_up, down, gate_up_scale, down_scale, threads)
+    return torch.ops.mmx.expert_rows(x, ids, weights, gate_up, down, gate_up_scale, down_scale, _threads_now())
+
+
+def dense_takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether :func:`dense_rows` takes ``x @ weight.T`` in a graph traced now: the kernel prepared, 2 to 16 float32
+    CPU rows (one row streams the weight at memory speed as dot products already), a float32 or int8 [O, D] weight
+    with D a multiple of VECTOR and O of 4, and ``MMX_DENSE_ROWS`` not "0"."""
+    if not _active or os.environ.get("MMX_DENSE_ROWS", "1") == "0":
+        return False
+    rows = x.numel() // x.shape[-1]
+    return (
+        2 <= rows <= 16
+        and x.dtype == torch.float32
+        and weight.dtype in (torch.float32, torch.int8)
+        and x.device.type == weight.device.type == "cpu"
+        and weight.dim() == 2
+        and weight.shape[1] % VECTOR == 0
+        and weight.shape[0] % 4 == 0
+    )
+
+
+def dense_rows(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., D] @ weight [O, D].T (int8 weights times their per-row ``scale`` [O], float32 or bfloat16) for a
+    few rows: each block of 4 weight rows read once for every row (``dense_f32`` / ``dense_i8`` in expert_rows.c).
+    Threads as in :func:`expert_rows`; bad input raises a ValueError."""
+    out = torch.ops.mmx.dense_rows(x.reshape(-1, x.shape[-1]), weight, scale, _threads_now())
+    return out.view(*x.shape[:-1], weight.shape[0])

@@ -21,6 +21,10 @@ int experts_f32(const float *x, const int64_t *ids, const float *mix, const floa
 int experts_i8(const float *x, const int64_t *ids, const float *mix, const int8_t *gu, const void *gu_scale,
                const int8_t *dn, const void *dn_scale, int scale_bf16, float *out, int N, int K, int E, int D, int I,
                int threads);
+int dense_f32(const float *x, const float *w, const void *scale, int scale_bf16, float *out, int N, int D, int O,
+              int threads);
+int dense_i8(const float *x, const int8_t *w, const void *scale, int scale_bf16, float *out, int N, int D, int O,
+             int threads);
 }
 
 namespace {
@@ -50,6 +54,16 @@ bool shaped(const Tensor &t, std::initializer_list<int64_t> sizes) {
 }
 
 Tensor dense(const Tensor &t) { return t.is_contiguous() ? t : torch::stable::contiguous(t); }
+
+// an uninitialised float32 CPU tensor [rows, width]
+Tensor new_rows(int64_t rows, int64_t width) {
+    int64_t sizes[2] = {rows, width}, strides[2] = {width, 1};
+    AtenTensorHandle handle = nullptr;
+    if (aoti_torch_empty_strided(2, sizes, strides, aoti_torch_dtype_float32(), aoti_torch_device_type_cpu(), 0,
+                                 &handle) != AOTI_TORCH_SUCCESS)
+        throw std::bad_alloc();
+    return Tensor(handle);
+}
 
 Tensor expert_rows(Tensor x, Tensor ids, Tensor weights, Tensor gate_up, Tensor down,
                    std::optional<Tensor> gate_up_scale, std::optional<Tensor> down_scale, int64_t threads) {
@@ -90,12 +104,7 @@ Tensor expert_rows(Tensor x, Tensor ids, Tensor weights, Tensor gate_up, Tensor 
     x = dense(x), ids = dense(ids), weights = dense(weights), gate_up = dense(gate_up), down = dense(down);
     std::optional<Tensor> gs, ds;  // held here: the kernel reads them after this line
     if (quantized) gs = dense(*gate_up_scale), ds = dense(*down_scale);
-    int64_t sizes[2] = {n, d}, strides[2] = {d, 1};
-    AtenTensorHandle handle = nullptr;
-    STD_TORCH_CHECK(aoti_torch_empty_strided(2, sizes, strides, aoti_torch_dtype_float32(),
-                                             aoti_torch_device_type_cpu(), 0, &handle) == AOTI_TORCH_SUCCESS,
-                    "mmx::expert_rows: could not allocate its output");
-    Tensor out(handle);
+    Tensor out = new_rows(n, d);
     const auto *rows = static_cast<const float *>(x.data_ptr());
     const auto *id = static_cast<const int64_t *>(ids.data_ptr());
     const auto *mix = static_cast<const float *>(weights.data_ptr());
@@ -114,7 +123,48 @@ Tensor expert_rows(Tensor x, Tensor ids, Tensor weights, Tensor gate_up, Tensor 
     return out;
 }
 
+Tensor dense_rows(Tensor x, Tensor weight, std::optional<Tensor> scale, int64_t threads) {
+    const bool quantized = weight.scalar_type() == Dtype::Char;
+    if (!x.is_cpu() || !weight.is_cpu() || x.scalar_type() != Dtype::Float ||
+        (!quantized && weight.scalar_type() != Dtype::Float) || x.dim() != 2 || weight.dim() != 2 ||
+        x.size(1) != weight.size(1))
+        throw std::invalid_argument("mmx::dense_rows: rows [N, D] and a weight [O, D] must be float32 CPU tensors "
+                                    "(or an int8 weight), got " + describe(x) + " and " + describe(weight));
+    const int64_t n = x.size(0), d = x.size(1), o = weight.size(0);
+    if (d % kVector || o % 4)
+        throw std::invalid_argument("mmx::dense_rows: D must be a multiple of " + std::to_string(kVector) +
+                                    " and O of 4, got a weight " + describe(weight));
+    if (quantized != scale.has_value())
+        throw std::invalid_argument("mmx::dense_rows: an int8 weight takes its scale [O], a float32 weight none");
+    bool bf16 = false;
+    std::optional<Tensor> scales;  // held here: the kernel reads it after this line
+    if (quantized) {
+        const Dtype dtype = scale->scalar_type();
+        if (!scale->is_cpu() || (dtype != Dtype::Float && dtype != Dtype::BFloat16) || !shaped(*scale, {o}))
+            throw std::invalid_argument("mmx::dense_rows: the scale must be a float32 or bfloat16 CPU [O], got " +
+                                        describe(*scale) + " for a weight " + describe(weight));
+        bf16 = dtype == Dtype::BFloat16;
+        scales = dense(*scale);
+    }
+    if (threads < 1) throw std::invalid_argument("mmx::dense_rows: threads must be 1 or more");
+    x = dense(x), weight = dense(weight);
+    Tensor out = new_rows(n, o);
+    const auto *rows = static_cast<const float *>(x.data_ptr());
+    auto *result = static_cast<float *>(out.data_ptr());
+    const int args[4] = {static_cast<int>(n), static_cast<int>(d), static_cast<int>(o), static_cast<int>(threads)};
+    if (quantized)
+        dense_i8(rows, static_cast<const int8_t *>(weight.data_ptr()), scales->data_ptr(), bf16, result, args[0],
+                 args[1], args[2], args[3]);
+    else
+        dense_f32(rows, static_cast<const float *>(weight.data_ptr()), nullptr, 0, result, args[0], args[1], args[2],
+                  args[3]);
+    return out;
+}
+
 }  // namespace
 
-STABLE_TORCH_LIBRARY_IMPL(mmx, CPU, m) { m.impl("expert_rows", TORCH_BOX(&expert_rows)); }
+STABLE_TORCH_LIBRARY_IMPL(mmx, CPU, m) {
+    m.impl("expert_rows", TORCH_BOX(&expert_rows));
+    m.impl("dense_rows", TORCH_BOX(&dense_rows));
+}
 
