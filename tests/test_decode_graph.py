@@ -259,7 +259,7 @@ def test_few_rows_over_large_weights_take_the_blas(monkeypatch, quantization):
 @pytest.mark.parametrize("quantization", [None, "experts_int8"])
 def test_decode_graphs_group_their_experts(monkeypatch, compiler, quantization):
     """2 to FEW_ROWS sequences, and one with float32 experts: the "few" (and "one") graphs run each layer's experts
-    in the grouped kernel (mmx.ops.expert_rows, each expert's weights read once for all its tokens; counted at
+    (and the few graph its dense products) in the grouped kernel (mmx.ops.expert_rows, each expert's weights read once for all its tokens; counted at
     torch's dispatcher, where both the inductor wrapper's and the AOT graph's calls pass) and decode as the eager
     engine (float32), or as the same graphs with the kernel turned off (int8 experts: the eager int8 kernel rounds
     activations to bfloat16, the graphs keep them in float32)."""
@@ -275,8 +275,10 @@ def test_decode_graphs_group_their_experts(monkeypatch, compiler, quantization):
     compiled = LLMEngine(tiny_model("tiny-m2"), enforce_eager=False, decode_compiler=compiler, **settings)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
         actual = _run(compiled, traffic, {})
-    calls = sum(event.count for event in profile.key_averages() if event.key == "mmx::expert_rows")
+    counts = {event.key: event.count for event in profile.key_averages()}
     assert compiled.decode_graph.failed is None and compiled.decode_graph._seen == {"one", "few"}
     steps = 11 if quantization else 19  # every step of 4 to 2 sequences, and of one with float32 experts
-    assert calls >= steps * compiled.config.num_hidden_layers
+    assert counts.get("mmx::expert_rows", 0) >= steps * compiled.config.num_hidden_layers
+    # the dense products of 2-4 sequences too: q, k, v and o in every layer (mmx::dense_rows)
+    assert counts.get("mmx::dense_rows", 0) >= 11 * 4 * compiled.config.num_hidden_layers
     _assert_same(expected, actual, 2e-4)

@@ -39,6 +39,7 @@ from torch import nn
 
 from mmx.engine.decode_step import TABLE_STEP, DecodeStep
 from mmx.ops.expert_rows import cpu_flags
+from mmx.ops.expert_rows import dense_enabled as dense_rows_enabled
 from mmx.ops.expert_rows import enabled as expert_rows_enabled
 from mmx.ops.expert_rows import prepare as prepare_expert_rows
 from mmx.utils.logging import get_logger
@@ -262,7 +263,7 @@ class AotDecode:
             threads=torch.get_num_threads(),
             memory_planning=os.environ.get("MMX_AOT_MEMORY_PLANNING", "0") == "1",
             expert_rows=expert_rows_enabled(),
-            dense_rows=os.environ.get("MMX_DENSE_ROWS", "1") != "0",
+            dense_rows=dense_rows_enabled(),
         )
         buffer = io.BytesIO()
         torch.save(meta_copy(model), buffer)

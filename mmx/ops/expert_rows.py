@@ -41,12 +41,19 @@ VECTOR = 16  # floats per vector in the kernel: both dimensions must be multiple
 _loaded = False
 _failed: str | None = None
 _active = False  # set by prepare()
+_dense_active = False  # set by prepare()
 _threads = 1  # the thread count graphs traced now pass to the kernel (set by prepare())
 
 
 def enabled() -> bool:
     """Whether decode graphs traced now use the kernel (``MMX_EXPERT_ROWS``, on unless "0")."""
     return os.environ.get("MMX_EXPERT_ROWS", "1") != "0"
+
+
+def dense_enabled() -> bool:
+    """Whether decode graphs traced now use :func:`dense_rows` (``MMX_DENSE_ROWS``, on unless "0"; the kernels'
+    ``MMX_EXPERT_ROWS=0`` turns it off too)."""
+    return os.environ.get("MMX_DENSE_ROWS", "1") != "0"
 
 
 def cpu_flags() -> str:
@@ -119,8 +126,9 @@ def library() -> bool:
 def prepare() -> bool:
     """Decide, before a graph is traced, whether it uses the kernel (enabled and built here); :func:`supports`
     reads that decision, so tracing (dynamo's included) never runs the compiler or reads the environment."""
-    global _active, _threads
+    global _active, _dense_active, _threads
     _active = enabled() and library()
+    _dense_active = _active and dense_enabled()
     _threads = torch.get_num_threads()
     return _active
 
@@ -195,8 +203,8 @@ def expert_rows(
 def dense_takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether :func:`dense_rows` takes ``x @ weight.T`` in a graph traced now: the kernel prepared, 2 to 16 float32
     CPU rows (one row streams the weight at memory speed as dot products already), a float32 or int8 [O, D] weight
-    with D a multiple of VECTOR and O of 4, and ``MMX_DENSE_ROWS`` not "0"."""
-    if not _active or os.environ.get("MMX_DENSE_ROWS", "1") == "0":
+    with D a multiple of VECTOR and O of 4, and :func:`prepare` found ``MMX_DENSE_ROWS`` not "0"."""
+    if not _dense_active:
         return False
     rows = x.numel() // x.shape[-1]
     return (
