@@ -376,7 +376,9 @@ class Bench:
         if llm is not None:  # warm-up: the decode graphs, and the first steps of a fresh engine are slower
             llm.engine.warm_up()
             graph = llm.engine.decode_graph
-            if graph is not None:
+            if graph is not None and graph.native is not None:
+                self.results.note(f"{name} {kind}: mmx decode steps native (mmx.engine.native_step)")
+            elif graph is not None:
                 state = f"failed ({graph.failed})" if graph.failed else f"ready in {graph.compile_seconds:.0f} s"
                 self.results.note(f"{name} {kind}: mmx decode graphs {state}")
             mmx_decode(llm, random_prompt(16, vocab, 99), 8)

@@ -62,6 +62,12 @@ def _run(engine: LLMEngine, traffic, params: dict) -> dict[str, tuple[list[int],
     return results
 
 
+@pytest.fixture(autouse=True)
+def _graphs_only(monkeypatch):
+    """The compiled graphs are tested here; M2's steps would otherwise run natively (tests/test_native_step.py)."""
+    monkeypatch.setenv("MMX_NATIVE_DECODE", "0")
+
+
 # the engine settings of the equality tests (tests/test_aot_decode.py builds the same engines, to share the libraries)
 SETTINGS = dict(max_model_len=160, max_num_seqs=FEW_ROWS + 4, max_num_batched_tokens=64, block_size=4)
 

@@ -167,7 +167,7 @@ def test_strided_inputs_are_read_as_their_values():
 
 
 def test_without_a_compiler_it_says_why_once(monkeypatch, tmp_path, caplog):
-    monkeypatch.setattr(kernel_mod, "_loaded", False)
+    monkeypatch.setattr(kernel_mod, "_loaded", None)
     monkeypatch.setattr(kernel_mod, "_failed", None)
     monkeypatch.setenv("MMX_KERNEL_CACHE", str(tmp_path))
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))

@@ -8,7 +8,9 @@ dot products, each sequence streaming weights small enough to stay in the cache
 (:func:`mmx.model.linear.streams_rows`). Everything the step depends on is a tensor argument, and the batch size
 and the number of context blocks are dynamic dimensions, so three graphs serve every step: one sequence (torch
 specialises size 1), 2 to FEW_ROWS sequences (dot products where they pay), and more (BLAS). Steps that prefill,
-score prompts or capture prefix-cache states stay eager.
+score prompts or capture prefix-cache states stay eager. Models the native step takes (MiniMax-M2 on the CPU:
+:mod:`mmx.engine.native_step`) run their steps of up to NATIVE_ROWS sequences there instead, and need no graph
+unless the engine runs larger batches.
 
 Two compilers build the graphs. "aot" (the CPU's default) compiles them ahead of time in a child process
 (:mod:`mmx.engine.aot_decode`) and runs them without the compiler in this process. "inductor" runs the step through
@@ -31,6 +33,7 @@ import types
 
 import torch
 
+from mmx.engine import native_step
 from mmx.engine.aot_decode import AotDecode
 from mmx.engine.cache import HybridCache
 from mmx.engine.decode_step import TABLE_STEP, decode_logits
@@ -61,7 +64,7 @@ def _code_digest() -> str:
     paths = [os.path.join(here, name) for name in ("decode_graph.py", "decode_step.py", "aot_decode.py")]
     for folder in ("model", "ops"):
         paths += sorted(glob.glob(os.path.join(package, folder, "*.py")))
-    paths += sorted(glob.glob(os.path.join(package, "ops", "*.c*")))  # kernels the graphs call (.c, .cpp)
+    paths += sorted(glob.glob(os.path.join(package, "ops", "*.[ch]*")))  # kernels the graphs call (.c, .cpp, .h)
     for path in paths:
         with open(path, "rb") as f:
             digest.update(f.read())
@@ -110,6 +113,8 @@ class DecodeGraph:
         # built (or loaded) before any trace: the traced code only reads the decision (the ahead-of-time child
         # decides again from its spec)
         prepare_expert_rows()
+        # steps of up to NATIVE_ROWS sequences in one C call where it takes the model (mmx.engine.native_step)
+        self.native = native_step.build(model, cache)
         if compiler == "inductor":
             self._use_inductor()
 
@@ -164,6 +169,8 @@ class DecodeGraph:
     def __call__(self, seqs: list[Sequence]) -> torch.Tensor | None:
         """Logits [len(seqs), vocab] of the next token of each decoding sequence (their caches updated), or None
         when the compiled path is unavailable (the caller runs the step eagerly)."""
+        if self.native is not None and len(seqs) <= native_step.NATIVE_ROWS:
+            return self.native(seqs)
         if self.failed is not None:
             return None
         return self._run(self.inputs(seqs))
@@ -174,6 +181,8 @@ class DecodeGraph:
         before serving, so that no request waits for a compilation; returns the seconds spent. Writes one token's
         K/V into block 0 and a state into slot 0, so it must run before any sequence holds them (at start-up)."""
         start = time.perf_counter()
+        if self.native is not None and max_num_seqs <= native_step.NATIVE_ROWS:
+            return 0.0  # every step runs natively: no graph is needed
         if self.compiler == "aot":
             self._prepare_aot()
         longest = math.ceil(math.ceil(max_model_len / self.cache.block_size) / TABLE_STEP) * TABLE_STEP

@@ -347,7 +347,7 @@ class LLMEngine:
         if self.decode_graph is not None and not self.requests:
             seconds = self.decode_graph.warm_up(self.args.max_num_seqs, self.max_model_len)
             release_free_memory()  # the compiler's garbage, left free in the heap
-            if self.decode_graph.failed is None:
+            if self.decode_graph.failed is None and seconds:  # 0: every step runs natively (no graph needed)
                 logger.info("decode graphs ready in %.1f s", seconds)
 
     def shutdown(self) -> None:

@@ -33,12 +33,13 @@ from mmx.utils.logging import get_logger
 logger = get_logger(__name__)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-KERNEL = os.path.join(HERE, "expert_rows.c")  # the kernel, plain C
+KERNELS = [os.path.join(HERE, name) for name in ("expert_rows.c", "decode_rows.c")]  # the kernels, plain C
+HEADER = os.path.join(HERE, "rows.h")  # their shared vector helpers
 OP = os.path.join(HERE, "expert_rows_op.cpp")  # the op's checks and its registration, through torch's stable ABI
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC"]
 VECTOR = 16  # floats per vector in the kernel: both dimensions must be multiples of it
 
-_loaded = False
+_loaded: str | None = None  # the loaded library's path
 _failed: str | None = None
 _active = False  # set by prepare()
 _dense_active = False  # set by prepare()
@@ -77,7 +78,7 @@ def _build(cc: str, cxx: str) -> str:
     """Path of the op's shared library, compiled first when it is not cached."""
     versions = [subprocess.run([c, "--version"], capture_output=True, text=True, check=True).stdout for c in (cc, cxx)]
     sources = []
-    for path in (KERNEL, OP):
+    for path in (*KERNELS, HEADER, OP):
         with open(path, "rb") as f:
             sources.append(f.read())
     key = _digest(
@@ -94,10 +95,12 @@ def _build(cc: str, cxx: str) -> str:
     os.makedirs(root, exist_ok=True)
     torch_dir = os.path.dirname(torch.__file__)
     with tempfile.TemporaryDirectory(dir=root) as work:  # renamed into place: no reader sees half a file
-        kernel, partial = os.path.join(work, "kernel.o"), os.path.join(work, "op.so")
-        subprocess.run([cc, *FLAGS, "-c", KERNEL, "-o", kernel], capture_output=True, text=True, check=True)
+        objects, partial = [], os.path.join(work, "op.so")
+        for i, source in enumerate(KERNELS):
+            objects.append(os.path.join(work, f"kernel{i}.o"))
+            subprocess.run([cc, *FLAGS, "-c", source, "-o", objects[-1]], capture_output=True, text=True, check=True)
         link = ["-L", os.path.join(torch_dir, "lib"), "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{torch_dir}/lib"]
-        command = [cxx, *FLAGS, "-std=c++17", "-shared", "-I", os.path.join(torch_dir, "include"), OP, kernel]
+        command = [cxx, *FLAGS, "-std=c++17", "-shared", "-I", os.path.join(torch_dir, "include"), OP, *objects]
         subprocess.run([*command, *link, "-o", partial], capture_output=True, text=True, check=True)
         os.replace(partial, path)
     return path
@@ -107,20 +110,27 @@ def library() -> bool:
     """Whether the op's kernel is loaded (built first when needed); when it cannot be built here, says why once."""
     global _loaded, _failed
     if _loaded or _failed is not None:
-        return _loaded
+        return _loaded is not None
     cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
     cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
     try:
         if cc is None or cxx is None:
             raise RuntimeError("no C and C++ compilers (gcc and g++) on PATH")
-        torch.ops.load_library(_build(cc, cxx))
+        path = _build(cc, cxx)
+        torch.ops.load_library(path)
     except (OSError, RuntimeError, subprocess.CalledProcessError) as e:
         detail = getattr(e, "stderr", "") or str(e)
         _failed = f"{type(e).__name__}: {detail.strip().splitlines()[-1] if detail.strip() else ''}"
         logger.warning("grouped expert kernel unavailable, experts run as dot products (%s)", _failed)
         return False
-    _loaded = True
+    _loaded = path
     return True
+
+
+def library_path() -> str | None:
+    """The loaded kernels' shared library (built and loaded first when needed), or None where it cannot be built
+    (:mod:`mmx.engine.native_step` calls ``mmx_decode_rows`` in it through ctypes)."""
+    return _loaded if library() else None
 
 
 def prepare() -> bool:

@@ -1,0 +1,481 @@
+/* One decode step of a few sequences through a softmax-attention MoE decoder (MiniMax-M2, and M1-style layers
+ * without lightning attention), in one parallel region.
+ *
+ * A compiled graph of this step runs ~27 OpenMP regions or work-sharing barriers a layer, and writes each weight
+ * product as one dot product per output row: one accumulator chain per row, so int8 weights (widened as they are
+ * read) run at ~10 multiply-adds a nanosecond where the core can do 40+. Here the whole step is one region: each
+ * phase splits its rows between the threads and ends at a barrier (6 a layer). For one sequence the products take
+ * 16 weight rows at a time into 16 accumulators; for more, 4 weight rows by 4 sequences, each block of weight rows
+ * read once for all the sequences, and the experts' (token, expert) pairs are grouped by expert so that each
+ * chosen expert is read once (as mmx::expert_rows does). Called by mmx/engine/native_step.py through ctypes, with
+ * the model as the structs below (pointers into the model's own tensors and the cache's K/V pools; no copies).
+ *
+ * The arithmetic is the model's (mmx/model): float32 throughout, int8 weights times their row scales, RMSNorm's
+ * statistic in float32, NeoX rotary on the first rotary_dim channels of each head, M2's QK-norm over all heads at
+ * once, a sigmoid router with a selection-only bias or a softmax one, the chosen experts' weights renormalised.
+ * Every output element is summed by one thread in a fixed order, so the result does not depend on the thread
+ * count. Requires hidden, head_dim and inner sizes that are multiples of 16 (the caller checks).
+ */
+#include <omp.h>
+
+#include "rows.h"
+
+typedef struct {
+    const void *weight;  /* [rows, cols], float32 or int8 */
+    const void *scale;   /* int8: one scale per row (float32, or bfloat16 when scale_bf16); NULL for float32 */
+    int32_t scale_bf16;
+    int32_t rows;
+} dm_matrix;
+
+typedef struct {
+    const float *input_norm, *post_norm;
+    const float *q_norm, *k_norm; /* NULL without QK-norm */
+    dm_matrix q, k, v, o;
+    const float *router;          /* [experts, hidden], float32 */
+    const float *bias;            /* [experts], the sigmoid router's selection bias, or NULL */
+    dm_matrix gate_up, down;      /* [experts * 2 * inner, hidden] and [experts * hidden, inner] */
+    float *keys, *values;         /* K/V pools [blocks, block_size, kv_heads, head_dim], float32 */
+    float attn_alpha, attn_beta, mlp_alpha, mlp_beta;
+} dm_layer;
+
+typedef struct {
+    int32_t layers, hidden, heads, kv_heads, head_dim, rotary_dim, experts, top_k, inner, vocab, block_size;
+    int32_t postnorm, sigmoid_router;
+    float eps, attn_scale;
+    const float *embed;      /* [vocab, hidden] */
+    const float *final_norm; /* [hidden] */
+    dm_matrix lm_head;       /* [vocab, hidden] */
+    const float *inv_freq;   /* [rotary_dim / 2] */
+    const dm_layer *layer;
+} dm_model;
+
+/* ------------------------------------------------------------------------------------------------ products */
+
+/* the sum of a vector's lanes, as a tree (a scalar loop would be 16 dependent additions) */
+static inline float hsum(v16 a) {
+    v16 zero = {0};
+    v16 s = fold1(fold2(fold4(fold8(a, zero), zero), zero), zero);
+    return s[0];
+}
+
+/* out[r - r0] = w[r] . x for rows r in [r0, r1): 16 rows at a time (16 accumulators, the transposing sum), then 4,
+ * then one */
+#define DEFINE_ROWS(NAME, WTYPE, LOAD, BLOCK)                                                                         \
+    static void NAME(const WTYPE *w, const float *x, float *out, int r0, int r1, int n) {                             \
+        int r = r0;                                                                                                   \
+        for (; r + 16 <= r1; r += 16) {                                                                               \
+            const WTYPE *wr = w + (int64_t)r * n;                                                                     \
+            v16 acc[16] = {0};                                                                                        \
+            for (int d = 0; d < n; d += 16) {                                                                         \
+                v16 xv = load_f32(x + d);                                                                             \
+                for (int k = 0; k < 16; k++) acc[k] += xv * LOAD(wr + (int64_t)k * n + d);                            \
+            }                                                                                                         \
+            v16 s = sums16(acc);                                                                                      \
+            memcpy(out + (r - r0), &s, sizeof s);                                                                     \
+        }                                                                                                             \
+        const float *rows[1] = {x};                                                                                   \
+        for (; r + 4 <= r1; r += 4) {                                                                                 \
+            v16 s = BLOCK(w + (int64_t)r * n, rows, 1, n, 0);                                                         \
+            memcpy(out + (r - r0), &s, 4 * sizeof(float));                                                           \
+        }                                                                                                             \
+        for (; r < r1; r++) {                                                                                         \
+            v16 acc = {0};                                                                                            \
+            for (int d = 0; d < n; d += 16) acc += load_f32(x + d) * LOAD(w + (int64_t)r * n + d);                    \
+            out[r - r0] = hsum(acc);                                                                                  \
+        }                                                                                                             \
+    }
+DEFINE_ROWS(rows_f32, float, load_f32, block_f32)
+DEFINE_ROWS(rows_i8, int8_t, load_i8, block_i8)
+
+/* out[r - r0] = (m[r] . x) for rows [r0, r1) of m, int8 rows times their scales */
+static void product(const dm_matrix *m, const float *x, float *out, int r0, int r1, int n) {
+    if (r0 >= r1) return;
+    if (!m->scale) {
+        rows_f32((const float *)m->weight, x, out, r0, r1, n);
+        return;
+    }
+    rows_i8((const int8_t *)m->weight, x, out, r0, r1, n);
+    for (int r = r0; r < r1; r++) out[r - r0] *= scale_at(m->scale, m->scale_bf16, r);
+}
+
+/* out[t * ldo + (r - r0)] = m[r] . x[t * ldx] for N rows of x and the weight rows [r0, r1): one row as above, more
+ * in blocks of 4 weight rows by up to 4 rows of x (the weight block read once for all of them) */
+static void products(const dm_matrix *m, const float *x, int N, int ldx, float *out, int ldo, int r0, int r1, int n) {
+    if (N == 1) {
+        product(m, x, out, r0, r1, n);
+        return;
+    }
+    int r = r0;
+    for (; r + 4 <= r1; r += 4) {
+        for (int t = 0; t < N; t += 4) {
+            int count = N - t < 4 ? N - t : 4;
+            const float *rows[4];
+            for (int j = 0; j < count; j++) rows[j] = x + (int64_t)(t + j) * ldx;
+            v16 y;
+            if (m->scale) {
+                y = BLOCK_FOR(block_i8, (const int8_t *)m->weight + (int64_t)r * n, rows, count, n, t == 0);
+                y *= (v16){SCALES4(m->scale, m->scale_bf16, r)};
+            } else {
+                y = BLOCK_FOR(block_f32, (const float *)m->weight + (int64_t)r * n, rows, count, n, t == 0);
+            }
+            for (int j = 0; j < count; j++) memcpy(out + (int64_t)(t + j) * ldo + (r - r0), (float *)&y + 4 * j, 16);
+        }
+    }
+    for (; r < r1; r++)
+        for (int t = 0; t < N; t++) product(m, x + (int64_t)t * ldx, out + (int64_t)t * ldo + (r - r0), r, r + 1, n);
+}
+
+/* this thread's share [*r0, *r1) of n rows, in whole blocks of 16 */
+static void share(int n, int tid, int nt, int *r0, int *r1) {
+    int blocks = (n + 15) / 16;
+    int b0 = (int)((int64_t)blocks * tid / nt), b1 = (int)((int64_t)blocks * (tid + 1) / nt);
+    *r0 = b0 * 16 < n ? b0 * 16 : n;
+    *r1 = b1 * 16 < n ? b1 * 16 : n;
+}
+
+/* ------------------------------------------------------------------------------------------------ pieces */
+
+static float sum_squares(const float *x, int n) {
+    v16 acc = {0};
+    for (int d = 0; d < n; d += 16) {
+        v16 v = load_f32(x + d);
+        acc += v * v;
+    }
+    return hsum(acc);
+}
+
+/* out = w * x / sqrt(mean(x^2) + eps) (out may be x) */
+static void rms_norm(const float *x, const float *w, float *out, int n, float eps) {
+    float r = 1.0f / sqrtf(sum_squares(x, n) / (float)n + eps);
+    for (int d = 0; d < n; d++) out[d] = w[d] * (x[d] * r);
+}
+
+/* NeoX rotary on the first rotary_dim channels of one head, by the position's cos / sin */
+static void rotate(float *head, const float *cos_, const float *sin_, int rotary_dim) {
+    int half = rotary_dim / 2;
+    for (int j = 0; j < half; j++) {
+        float a = head[j], b = head[j + half];
+        head[j] = a * cos_[j] - b * sin_[j];
+        head[j + half] = b * cos_[j + half] + a * sin_[j + half];
+    }
+}
+
+/* out[p] = offset of position p's K/V rows in the pools (head 0), through the block table: no division per
+ * position */
+static void positions_at(const dm_model *m, const int64_t *table, int64_t length, int64_t *out) {
+    int bs = m->block_size;
+    int64_t row = (int64_t)m->kv_heads * m->head_dim;
+    for (int64_t p = 0, b = 0; p < length; b++)
+        for (int j = 0; j < bs && p < length; j++, p++) out[p] = (table[b] * bs + j) * row;
+}
+
+/* softmax attention of K/V head g's query heads over the positions at[0 .. length) of the pools (the newest
+ * written there first). Scores go 16 positions at a time into 16 accumulators and one transposing sum, the
+ * exponentials 16 at a time; DH is the head size, a constant in each copy so that the output stays in registers. */
+static inline __attribute__((always_inline)) void attend_heads(const dm_model *m, const dm_layer *l, const float *q,
+                                                               const int64_t *at, int64_t length, int g, float *out,
+                                                               float *scores, const int DH) {
+    int R = m->heads / m->kv_heads;
+    const float *keys = l->keys + (int64_t)g * DH, *values = l->values + (int64_t)g * DH;
+    for (int h = g * R; h < (g + 1) * R; h++) {
+        const float *qh = q + (int64_t)h * DH;
+        int64_t p = 0;
+        for (; p + 16 <= length; p += 16) {
+            v16 acc[16] = {0};
+            for (int d = 0; d < DH; d += 16) {
+                v16 qv = load_f32(qh + d);
+                for (int j = 0; j < 16; j++) acc[j] += qv * load_f32(keys + at[p + j] + d);
+            }
+            v16 s = sums16(acc) * splat(m->attn_scale);
+            memcpy(scores + p, &s, sizeof s);
+        }
+        for (; p < length; p++) {
+            v16 acc = {0};
+            for (int d = 0; d < DH; d += 16) acc += load_f32(qh + d) * load_f32(keys + at[p] + d);
+            scores[p] = hsum(acc) * m->attn_scale;
+        }
+        float top = -INFINITY, total = 0.0f;
+        for (p = 0; p < length; p++) top = scores[p] > top ? scores[p] : top;
+        for (p = 0; p + 16 <= length; p += 16) {
+            v16 e = exp16(load_f32(scores + p) - splat(top));
+            memcpy(scores + p, &e, sizeof e);
+            total += hsum(e);
+        }
+        for (; p < length; p++) total += scores[p] = expf(scores[p] - top);
+        v16 o[DH / 16];
+        for (int c = 0; c < DH / 16; c++) o[c] = splat(0.0f);
+        for (p = 0; p < length; p++) {
+            v16 w = splat(scores[p]);
+            for (int c = 0; c < DH / 16; c++) o[c] += w * load_f32(values + at[p] + 16 * c);
+        }
+        for (int c = 0; c < DH / 16; c++) {
+            v16 oc = o[c] * splat(1.0f / total);
+            memcpy(out + (int64_t)h * DH + 16 * c, &oc, sizeof oc);
+        }
+    }
+}
+
+static void attend(const dm_model *m, const dm_layer *l, const float *q, const int64_t *at, int64_t length, int g,
+                   float *out, float *scores) {
+    switch (m->head_dim) {
+    case 64: attend_heads(m, l, q, at, length, g, out, scores, 64); break;
+    case 128: attend_heads(m, l, q, at, length, g, out, scores, 128); break;
+    default: attend_heads(m, l, q, at, length, g, out, scores, m->head_dim);
+    }
+}
+
+/* ids and renormalised weights of the chosen experts, from the router's logits (every thread the same) */
+static void route(const dm_model *m, const dm_layer *l, const float *logits, int *ids, float *weights) {
+    int E = m->experts, K = m->top_k;
+    float scores[E], choice[E];
+    if (m->sigmoid_router) {
+        for (int e = 0; e < E; e++) {
+            scores[e] = 1.0f / (1.0f + expf(-logits[e]));
+            choice[e] = l->bias ? scores[e] + l->bias[e] : scores[e];
+        }
+    } else {
+        float top = -INFINITY, total = 0.0f;
+        for (int e = 0; e < E; e++) top = logits[e] > top ? logits[e] : top;
+        for (int e = 0; e < E; e++) total += scores[e] = expf(logits[e] - top);
+        for (int e = 0; e < E; e++) choice[e] = scores[e] /= total;
+    }
+    float sum = 0.0f;
+    for (int k = 0; k < K; k++) { /* top-k, highest first; ties to the lower id */
+        int best = -1;
+        for (int e = 0; e < E; e++) {
+            int taken = 0;
+            for (int j = 0; j < k; j++) taken |= ids[j] == e;
+            if (!taken && (best < 0 || choice[e] > choice[best])) best = e;
+        }
+        ids[k] = best;
+        weights[k] = scores[best];
+        sum += scores[best];
+    }
+    for (int k = 0; k < K; k++) weights[k] /= sum;
+}
+
+/* ------------------------------------------------------------------------------------------------ the experts */
+
+/* act[k * I + i] = silu(gate_i . h) * (up_i . h) of one token's K chosen experts, for this thread's share of the
+ * (slot, 16 features) chunks */
+static void act_one(const dm_model *m, const dm_layer *l, const float *h, const int *ids, float *act, int tid, int nt) {
+    int K = m->top_k, I = m->inner, chunks = I / 16;
+    for (int c = (int)((int64_t)K * chunks * tid / nt); c < (int)((int64_t)K * chunks * (tid + 1) / nt); c++) {
+        int slot = c / chunks, i = (c % chunks) * 16, row = ids[slot] * 2 * I + i;
+        v16 gate, up;
+        product(&l->gate_up, h, (float *)&gate, row, row + 16, m->hidden);
+        product(&l->gate_up, h, (float *)&up, row + I, row + I + 16, m->hidden);
+        v16 a = silu16(gate) * up;
+        memcpy(act + (size_t)slot * I + i, &a, sizeof a);
+    }
+}
+
+/* y[d - d0] = sum over slots of mix[k] * (down_d . act[k]) of one token, for the hidden rows [d0, d1) */
+static void down_one(const dm_model *m, const dm_layer *l, const float *act, const int *ids, const float *mix, float *y,
+                     int d0, int d1) {
+    int D = m->hidden, I = m->inner;
+    for (int d = d0; d < d1; d++) y[d - d0] = 0.0f;
+    for (int c0 = d0; c0 < d1; c0 += 16) {
+        int c1 = c0 + 16 < d1 ? c0 + 16 : d1;
+        float part[16];
+        for (int slot = 0; slot < m->top_k; slot++) {
+            int row = ids[slot] * D;
+            product(&l->down, act + (size_t)slot * I, part, row + c0, row + c1, I);
+            for (int j = 0; j < c1 - c0; j++) y[c0 - d0 + j] += part[j] * mix[slot];
+        }
+    }
+}
+
+/* the (token, slot) pairs grouped by expert: pair[start[e] .. start[e + 1]) are expert e's, in token order */
+static void group(const int *ids, int P, int E, int *start, int *pair) {
+    int fill[E];
+    for (int e = 0; e <= E; e++) start[e] = 0;
+    for (int p = 0; p < P; p++) start[ids[p] + 1]++;
+    for (int e = 0; e < E; e++) start[e + 1] += start[e];
+    for (int e = 0; e < E; e++) fill[e] = start[e];
+    for (int p = 0; p < P; p++) pair[fill[ids[p]]++] = p;
+}
+
+/* act[p * I + i] for every pair p, this thread's share of the features in blocks of 4: each expert's 4 gate and 4
+ * up rows read once for up to 4 of its pairs at a time */
+static void act_grouped(const dm_model *m, const dm_layer *l, const float *h, const int *start, const int *pair,
+                        float *act, int tid, int nt) {
+    int D = m->hidden, I = m->inner, K = m->top_k, blocks = I / 4;
+    const dm_matrix *w = &l->gate_up;
+    for (int b = (int)((int64_t)blocks * tid / nt); b < (int)((int64_t)blocks * (tid + 1) / nt); b++) {
+        int i = 4 * b;
+        for (int e = 0; e < m->experts; e++) {
+            int64_t gate_row = (int64_t)e * 2 * I + i, up_row = gate_row + I;
+            for (int j = start[e]; j < start[e + 1]; j += 4) {
+                int count = start[e + 1] - j < 4 ? start[e + 1] - j : 4, first = j == start[e];
+                const float *rows[4];
+                for (int r = 0; r < count; r++) rows[r] = h + (int64_t)(pair[j + r] / K) * D;
+                v16 g, u;
+                if (w->scale) {
+                    g = BLOCK_FOR(block_i8, (const int8_t *)w->weight + gate_row * D, rows, count, D, first);
+                    u = BLOCK_FOR(block_i8, (const int8_t *)w->weight + up_row * D, rows, count, D, first);
+                    g *= (v16){SCALES4(w->scale, w->scale_bf16, gate_row)};
+                    u *= (v16){SCALES4(w->scale, w->scale_bf16, up_row)};
+                } else {
+                    g = BLOCK_FOR(block_f32, (const float *)w->weight + gate_row * D, rows, count, D, first);
+                    u = BLOCK_FOR(block_f32, (const float *)w->weight + up_row * D, rows, count, D, first);
+                }
+                v16 a = silu16(g) * u; /* lane 4r + o: pair r, feature i + o */
+                for (int r = 0; r < count; r++) memcpy(act + (int64_t)pair[j + r] * I + i, (float *)&a + 4 * r, 16);
+            }
+        }
+    }
+}
+
+/* y[t * D + d] = sum over token t's pairs of mix * (down_d . act[pair]), for the hidden rows [d0, d1) (multiples
+ * of 4), each expert's 4 down rows read once for up to 4 of its pairs at a time */
+static void down_grouped(const dm_model *m, const dm_layer *l, const float *act, const int *start, const int *pair,
+                         const float *mix, int N, float *y, int d0, int d1) {
+    int D = m->hidden, I = m->inner, K = m->top_k;
+    const dm_matrix *w = &l->down;
+    for (int t = 0; t < N; t++)
+        for (int d = d0; d < d1; d++) y[(int64_t)t * D + d] = 0.0f;
+    for (int d = d0; d < d1; d += 4) {
+        for (int e = 0; e < m->experts; e++) {
+            int64_t row = (int64_t)e * D + d;
+            for (int j = start[e]; j < start[e + 1]; j += 4) {
+                int count = start[e + 1] - j < 4 ? start[e + 1] - j : 4, first = j == start[e];
+                const float *rows[4];
+                for (int r = 0; r < count; r++) rows[r] = act + (int64_t)pair[j + r] * I;
+                v16 s;
+                if (w->scale) {
+                    s = BLOCK_FOR(block_i8, (const int8_t *)w->weight + row * I, rows, count, I, first);
+                    s *= (v16){SCALES4(w->scale, w->scale_bf16, row)};
+                } else {
+                    s = BLOCK_FOR(block_f32, (const float *)w->weight + row * I, rows, count, I, first);
+                }
+                for (int r = 0; r < count; r++)
+                    for (int o = 0; o < 4; o++) y[(int64_t)(pair[j + r] / K) * D + d + o] += mix[pair[j + r]] * s[4 * r + o];
+            }
+        }
+    }
+}
+
+/* x <- alpha * r + beta * y over the columns [d0, d1) of N rows of D: r is x itself (pre-norm, M2) or the
+ * normalised input (post-norm, M1) */
+static void residual(float *x, const float *r, float alpha, const float *y, float beta, int N, int D, int d0, int d1) {
+    for (int t = 0; t < N; t++)
+        for (int d = d0; d < d1; d++) {
+            size_t at = (size_t)t * D + d;
+            x[at] = alpha * r[at] + beta * y[at];
+        }
+}
+
+/* ------------------------------------------------------------------------------------------------ the step */
+
+/* Logits [N, vocab] of the next token of N sequences: sequence t feeds tokens[t] at positions[t], its K/V are
+ * written at flat slot write_at[t] of each layer's pools, and it attends over lengths[t] (= positions[t] + 1)
+ * positions through its block table, row t of tables [N, width]. Returns 0, or 1 when scratch memory cannot be
+ * had (nothing written). */
+int mmx_decode_rows(const dm_model *m, int N, const int64_t *tokens, const int64_t *positions, const int64_t *write_at,
+                    const int64_t *tables, int64_t width, const int64_t *lengths, float *logits, int threads) {
+    int D = m->hidden, H = m->heads, G = m->kv_heads, Dh = m->head_dim, E = m->experts, K = m->top_k, I = m->inner;
+    int QD = H * Dh, KD = G * Dh, rd = m->rotary_dim, half = rd / 2;
+    int64_t longest = 1;
+    for (int t = 0; t < N; t++) longest = lengths[t] > longest ? lengths[t] : longest;
+    size_t shared = (size_t)N * (3 * QD + 3 * KD + 2 * D + E + (size_t)K * I + 2 * rd);
+    float *buf = malloc(sizeof(float) * shared);
+    /* h, h2, scores, then the positions' offsets (int64, 8-byte aligned: every count here is even) */
+    size_t each = (size_t)2 * N * D + 2 * ((longest + 1) / 2) + 2 * longest;
+    float *per_thread = malloc(sizeof(float) * each * threads);
+    if (!buf || !per_thread) {
+        free(buf);
+        free(per_thread);
+        return 1;
+    }
+    float *x = buf, *q = x + (size_t)N * D, *k = q + (size_t)N * QD, *v = k + (size_t)N * KD, *qr = v + (size_t)N * KD;
+    float *kr = qr + (size_t)N * QD, *attn = kr + (size_t)N * KD, *o = attn + (size_t)N * QD;
+    float *router = o + (size_t)N * D, *act = router + (size_t)N * E, *cos_ = act + (size_t)N * K * I;
+    float *sin_ = cos_ + (size_t)N * rd;
+    for (int t = 0; t < N; t++) {
+        memcpy(x + (size_t)t * D, m->embed + tokens[t] * D, sizeof(float) * D);
+        for (int j = 0; j < half; j++) { /* float32 angles, as the model's RotaryEmbedding */
+            float angle = (float)positions[t] * m->inv_freq[j];
+            cos_[t * rd + j] = cos_[t * rd + j + half] = cosf(angle);
+            sin_[t * rd + j] = sin_[t * rd + j + half] = sinf(angle);
+        }
+    }
+    dm_matrix router_matrix = {NULL, NULL, 0, E};
+#pragma omp parallel num_threads(threads)
+    {
+        int tid = omp_get_thread_num(), nt = omp_get_num_threads();
+        float *h = per_thread + each * tid, *h2 = h + (size_t)N * D, *scores = h2 + (size_t)N * D;
+        int64_t *offsets = (int64_t *)(scores + 2 * ((longest + 1) / 2));
+        int ids[N * K], start[E + 1], pair[N * K];
+        float mix[N * K];
+        int r0, r1;
+        for (int li = 0; li < m->layers; li++) {
+            const dm_layer *l = m->layer + li;
+            /* attention: q, k, v of the normalised inputs */
+            for (int t = 0; t < N; t++) rms_norm(x + (size_t)t * D, l->input_norm, h + (size_t)t * D, D, m->eps);
+            share(QD + 2 * KD, tid, nt, &r0, &r1);
+            int a0 = r0 < QD ? r0 : QD, a1 = r1 < QD ? r1 : QD;
+            products(&l->q, h, N, D, q + a0, QD, a0, a1, D);
+            a0 = r0 < QD ? 0 : (r0 - QD < KD ? r0 - QD : KD), a1 = r1 < QD ? 0 : (r1 - QD < KD ? r1 - QD : KD);
+            products(&l->k, h, N, D, k + a0, KD, a0, a1, D);
+            a0 = r0 < QD + KD ? 0 : r0 - QD - KD, a1 = r1 < QD + KD ? 0 : r1 - QD - KD;
+            products(&l->v, h, N, D, v + a0, KD, a0, a1, D);
+#pragma omp barrier
+            /* this thread's (sequence, K/V head) pairs: QK-norm (statistics over all heads) and rotary into qr / kr,
+             * the new K/V into the pools, then the attention of the head's queries */
+            for (int item = (int)((int64_t)N * G * tid / nt); item < (int)((int64_t)N * G * (tid + 1) / nt); item++) {
+                int t = item / G, g = item % G;
+                const float *qt = q + (size_t)t * QD, *kt = k + (size_t)t * KD, *vt = v + (size_t)t * KD;
+                float *qrt = qr + (size_t)t * QD, *krt = kr + (size_t)t * KD;
+                float q_rms = l->q_norm ? 1.0f / sqrtf(sum_squares(qt, QD) / (float)QD + m->eps) : 1.0f;
+                float k_rms = l->k_norm ? 1.0f / sqrtf(sum_squares(kt, KD) / (float)KD + m->eps) : 1.0f;
+                int64_t at = (int64_t)g * Dh;
+                for (int d = 0; d < Dh; d++)
+                    krt[at + d] = l->k_norm ? l->k_norm[at + d] * (kt[at + d] * k_rms) : kt[at + d];
+                rotate(krt + at, cos_ + (size_t)t * rd, sin_ + (size_t)t * rd, rd);
+                for (int64_t j = (int64_t)g * (H / G) * Dh; j < (int64_t)(g + 1) * (H / G) * Dh; j++)
+                    qrt[j] = l->q_norm ? l->q_norm[j] * (qt[j] * q_rms) : qt[j];
+                for (int hq = g * (H / G); hq < (g + 1) * (H / G); hq++)
+                    rotate(qrt + (int64_t)hq * Dh, cos_ + (size_t)t * rd, sin_ + (size_t)t * rd, rd);
+                memcpy(l->keys + (write_at[t] * G + g) * Dh, krt + at, sizeof(float) * Dh);
+                memcpy(l->values + (write_at[t] * G + g) * Dh, vt + at, sizeof(float) * Dh);
+                positions_at(m, tables + (size_t)t * width, lengths[t], offsets);
+                attend(m, l, qrt, offsets, lengths[t], g, attn + (size_t)t * QD, scores);
+            }
+#pragma omp barrier
+            /* output projection and the residual */
+            share(D, tid, nt, &r0, &r1);
+            products(&l->o, attn, N, QD, o + r0, D, r0, r1, QD);
+            residual(x, m->postnorm ? h : x, l->attn_alpha, o, l->attn_beta, N, D, r0, r1);
+#pragma omp barrier
+            /* the router over the normalised residuals */
+            for (int t = 0; t < N; t++) rms_norm(x + (size_t)t * D, l->post_norm, h2 + (size_t)t * D, D, m->eps);
+            share(E, tid, nt, &r0, &r1);
+            router_matrix.weight = l->router;
+            products(&router_matrix, h2, N, D, router + r0, E, r0, r1, D);
+#pragma omp barrier
+            for (int t = 0; t < N; t++) route(m, l, router + (size_t)t * E, ids + t * K, mix + t * K);
+            if (N == 1) {
+                act_one(m, l, h2, ids, act, tid, nt);
+            } else {
+                group(ids, N * K, E, start, pair);
+                act_grouped(m, l, h2, start, pair, act, tid, nt);
+            }
+#pragma omp barrier
+            /* down, mixed by the routing weights, and the residual */
+            share(D, tid, nt, &r0, &r1);
+            if (N == 1)
+                down_one(m, l, act, ids, mix, o + r0, r0, r1);
+            else
+                down_grouped(m, l, act, start, pair, mix, N, o, r0, r1);
+            residual(x, m->postnorm ? h2 : x, l->mlp_alpha, o, l->mlp_beta, N, D, r0, r1);
+#pragma omp barrier
+        }
+        for (int t = 0; t < N; t++) rms_norm(x + (size_t)t * D, m->final_norm, h + (size_t)t * D, D, m->eps);
+        share(m->vocab, tid, nt, &r0, &r1);
+        products(&m->lm_head, h, N, D, logits + r0, m->vocab, r0, r1, D);
+    }
+    free(per_thread);
+    free(buf);
+    return 0;
+}

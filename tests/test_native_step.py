@@ -1,0 +1,118 @@
+"""The one-sequence decode step in C (mmx.engine.native_step, mmx/ops/decode_one.c): the same tokens and log-probs
+as the eager engine on M2-style models (float32, a tied head and one K/V head, M1-style softmax layers with post-norm
+and a softmax router) and as the compiled graph with int8 weights, through block tables that span many blocks and
+share a prefix; the same bits on one thread as on two; and models it cannot take keep the compiled graphs."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+
+import pytest
+import torch
+
+from mmx.engine import LLMEngine, SamplingParams
+
+from .conftest import tiny_model
+from .test_decode_graph import SETTINGS as GRAPH_SETTINGS
+from .test_decode_graph import _assert_same, _run, _traffic, needs_compiler
+
+pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="the native step is C built on first use")
+
+SETTINGS = dict(max_model_len=96, max_num_seqs=2, block_size=4)
+
+
+def _generate(engine: LLMEngine, prompts: list[list[int]], max_tokens: int = 30) -> list[tuple[list[int], list[float]]]:
+    """Greedy generations with their log-probs, one request at a time (every decode step holds one sequence)."""
+    out = []
+    for i, prompt in enumerate(prompts):
+        sampling = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, logprobs=0)
+        engine.add_request(f"r{i}", prompt, sampling)
+        while engine.has_unfinished_requests():
+            for result in engine.step():
+                if result.finished:
+                    sample = result.outputs[0]
+                    out.append((sample.token_ids, [entry.logprob for entry in sample.logprobs]))
+    return out
+
+
+def _prompts(vocab: int) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(5)
+    stem = torch.randint(0, vocab, (13,), generator=gen).tolist()
+    return [stem + torch.randint(0, vocab, (n,), generator=gen).tolist() for n in (10, 1, 6)]  # a shared prefix
+
+
+M1_STYLE = dict(layer_types=["full_attention"] * 2, num_hidden_layers=2, use_qk_norm=False, scoring_func="softmax")
+
+
+@pytest.mark.parametrize(
+    "preset, overrides, quantization",
+    [
+        ("tiny-m2", {}, None),
+        pytest.param("tiny-m2", {}, "int8", marks=needs_compiler),
+        pytest.param("tiny-m2", {}, "experts_int8", marks=needs_compiler),
+        ("tiny-m2", {"tie_word_embeddings": True, "num_key_value_heads": 1}, None),
+        ("tiny-m1", M1_STYLE, None),  # post-norm residuals with alpha/beta, no QK-norm, softmax router
+    ],
+)
+def test_native_steps_equal_eager(monkeypatch, preset, overrides, quantization):
+    model = tiny_model(preset, **overrides)
+    engine = LLMEngine(model, enforce_eager=False, quantization=quantization, **SETTINGS)
+    native = engine.decode_graph.native
+    assert native is not None
+    if quantization:
+        # eager int8 products round activations to bfloat16; the compiled graph's keep them in float32, as here
+        monkeypatch.setenv("MMX_NATIVE_DECODE", "0")
+        reference = LLMEngine(
+            tiny_model(preset, **overrides), enforce_eager=False, quantization=quantization, **SETTINGS
+        )
+        assert reference.decode_graph.native is None
+    else:
+        reference = LLMEngine(tiny_model(preset, **overrides), enforce_eager=True, **SETTINGS)
+    prompts = _prompts(model.config.vocab_size)
+    expected, actual = _generate(reference, prompts), _generate(engine, prompts)
+    assert native.steps == sum(len(tokens) - 1 for tokens, _ in actual)
+    assert engine.prefix_cache.stats.hit_tokens > 0  # later prompts' tables start with the first one's blocks
+    for (tokens, logprobs), (got_tokens, got_logprobs) in zip(expected, actual):
+        assert got_tokens == tokens
+        assert max(abs(a - b) for a, b in zip(logprobs, got_logprobs)) < 2e-4
+
+
+@pytest.mark.parametrize("preset, overrides", [("tiny-m2", {}), ("tiny-m1", M1_STYLE)])
+def test_native_steps_of_many_sequences_equal_eager(preset, overrides):
+    """Staggered traffic (one sequence, a few, more than FEW_ROWS; chunked prefill, a cache small enough to preempt):
+    every decode step runs natively, with the same tokens and log-probs as the eager engine."""
+    eager = LLMEngine(tiny_model(preset, **overrides), enforce_eager=True, **GRAPH_SETTINGS)
+    native = LLMEngine(tiny_model(preset, **overrides), enforce_eager=False, **GRAPH_SETTINGS)
+    traffic = _traffic(eager.config.vocab_size)
+    expected, actual = _run(eager, traffic, {}), _run(native, traffic, {})
+    graph = native.decode_graph
+    assert graph.native is not None and graph.native.steps > 0 and not graph._seen  # no graph was needed
+    _assert_same(expected, actual, 2e-4)
+
+
+def test_native_steps_do_not_depend_on_the_thread_count():
+    """Each output element is summed by one thread in a fixed order: one thread and two give the same bits."""
+    runs = []
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            engine = LLMEngine(tiny_model("tiny-m2"), enforce_eager=False, quantization="int8", **SETTINGS)
+            runs.append(_generate(engine, _prompts(engine.config.vocab_size)))
+    finally:
+        torch.set_num_threads(threads)
+    assert runs[0] == runs[1]
+
+
+def test_native_steps_are_taken_only_where_they_apply(monkeypatch, caplog):
+    """Lightning layers, bfloat16 K/V and MMX_NATIVE_DECODE=0 keep the compiled graphs, and the log says why."""
+    with caplog.at_level(logging.INFO, logger="mmx.engine.native_step"):
+        hybrid = LLMEngine(tiny_model("tiny-m1"), enforce_eager=False, **SETTINGS)
+        bf16_kv = LLMEngine(tiny_model("tiny-m2"), enforce_eager=False, kv_cache_dtype="bfloat16", **SETTINGS)
+    assert hybrid.decode_graph.native is None and bf16_kv.decode_graph.native is None
+    assert "lightning-attention layers" in caplog.text
+    assert "the K pool is not a contiguous float32 CPU tensor" in caplog.text
+    monkeypatch.setenv("MMX_NATIVE_DECODE", "0")
+    assert LLMEngine(tiny_model("tiny-m2"), enforce_eager=False, **SETTINGS).decode_graph.native is None
+    assert LLMEngine(tiny_model("tiny-m2"), enforce_eager=True, **SETTINGS).decode_graph is None
