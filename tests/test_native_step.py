@@ -42,6 +42,15 @@ def _prompts(vocab: int) -> list[list[int]]:
     return [stem + torch.randint(0, vocab, (n,), generator=gen).tolist() for n in (10, 1, 6)]  # a shared prefix
 
 
+# MiniMax-M2's proportions: 6 query heads a K/V head, head size 128 with 64 rotary channels, top-8 of 16 experts
+M2_SHAPED = dict(
+    head_dim=128,
+    rotary_dim=64,
+    num_attention_heads=6,
+    num_key_value_heads=1,
+    num_local_experts=16,
+    num_experts_per_tok=8,
+)
 M1_STYLE = dict(layer_types=["full_attention"] * 2, num_hidden_layers=2, use_qk_norm=False, scoring_func="softmax")
 
 
@@ -52,6 +61,9 @@ M1_STYLE = dict(layer_types=["full_attention"] * 2, num_hidden_layers=2, use_qk_
         pytest.param("tiny-m2", {}, "int8", marks=needs_compiler),
         pytest.param("tiny-m2", {}, "experts_int8", marks=needs_compiler),
         ("tiny-m2", {"tie_word_embeddings": True, "num_key_value_heads": 1}, None),
+        ("tiny-m2", {"head_dim": 64, "rotary_dim": 32}, None),  # the kernel's copies for head sizes 64 and 128
+        ("tiny-m2", M2_SHAPED, None),
+        pytest.param("tiny-m2", M2_SHAPED, "int8", marks=needs_compiler),
         ("tiny-m1", M1_STYLE, None),  # post-norm residuals with alpha/beta, no QK-norm, softmax router
     ],
 )
@@ -89,6 +101,23 @@ def test_native_steps_of_many_sequences_equal_eager(preset, overrides):
     graph = native.decode_graph
     assert graph.native is not None and graph.native.steps > 0 and not graph._seen  # no graph was needed
     _assert_same(expected, actual, 2e-4)
+
+
+def test_native_steps_read_weights_updated_in_place():
+    """An RL weight sync copies new values into the engine's tensors: the next native steps compute with them."""
+    prompts = _prompts(512)[:1]
+    engines = [LLMEngine(tiny_model("tiny-m2"), enforce_eager=eager, **SETTINGS) for eager in (True, False)]
+    before = _generate(engines[1], prompts)
+    for engine in engines:
+        with torch.no_grad():
+            engine.model.model.layers[0].self_attn.q_proj.weight.mul_(3.0)
+            engine.model.model.layers[1].mlp.experts.down_proj.add_(0.05)
+            engine.model.lm_head.weight.mul_(-1.0)
+        engine.reset_prefix_cache()
+    expected, actual = _generate(engines[0], prompts), _generate(engines[1], prompts)
+    assert actual[0][0] != before[0][0]
+    assert actual[0][0] == expected[0][0]
+    assert max(abs(a - b) for a, b in zip(expected[0][1], actual[0][1])) < 2e-4
 
 
 def test_native_steps_do_not_depend_on_the_thread_count():
