@@ -10,8 +10,9 @@ reads the model's tensors and the cache's K/V pools in place through pointers ta
 its tensors for its lifetime (an RL weight sync copies values into them), as the compiled graphs also assume.
 
 Taken when :func:`build` finds every piece it knows: float32 (or int8-quantised) decoder weights on the CPU, every
-layer softmax attention, float32 K/V, SiLU experts, sizes that are multiples of 16, and the kernels built. Anything
-else (lightning layers, bf16 weights or K/V, FP8) keeps the compiled graphs, and :func:`build` says why.
+layer softmax attention, K/V in float32, bfloat16 or float16, SiLU experts, sizes that are multiples of 16, and the
+kernels built. Anything else (lightning layers, bf16 weights, FP8) keeps the compiled graphs, and :func:`build` says
+why.
 ``MMX_NATIVE_DECODE=0`` turns it off (for comparisons).
 """
 
@@ -79,6 +80,7 @@ class _Model(ctypes.Structure):
         *((name, ctypes.c_int32) for name in ("experts", "top_k", "inner", "vocab", "block_size")),
         ("postnorm", ctypes.c_int32),
         ("sigmoid_router", ctypes.c_int32),
+        ("kv_dtype", ctypes.c_int32),
         ("eps", ctypes.c_float),
         ("attn_scale", ctypes.c_float),
         ("embed", ctypes.c_void_p),
@@ -158,6 +160,16 @@ def _norm(module: torch.nn.Module | None, what: str, keep: list[torch.Tensor]) -
     return module.weight.data_ptr()
 
 
+# the K/V pools' element types the kernel reads, in its order (KV_F32, KV_BF16, KV_F16 in decode_rows.c)
+KV_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _pool(t: torch.Tensor, what: str) -> torch.Tensor:
+    if t.dtype not in KV_DTYPES or t.device.type != "cpu" or not t.is_contiguous():
+        raise _Unsupported(f"the {what} pool ({t.dtype}, {t.device})")
+    return t
+
+
 class NativeStep:
     """Calls ``mmx_decode_rows`` for a decode step of a few sequences: their logits, their K/V written into the
     pools."""
@@ -176,9 +188,7 @@ class NativeStep:
         layers = []
         for i, layer in enumerate(model.model.layers):
             attn, mlp = layer.self_attn, layer.mlp
-            keys, values = cache.keys[i], cache.values[i]
-            _float32(keys, "the K pool")
-            _float32(values, "the V pool")
+            keys, values = _pool(cache.keys[i], "K"), _pool(cache.values[i], "V")
             keep.extend((keys, values))
             gate_up, down = _experts(mlp.experts, keep)
             bias = _float32(mlp.e_score_correction_bias, "the routing bias", optional=True)
@@ -223,6 +233,7 @@ class NativeStep:
             cache.block_size,
             int(config.postnorm),
             int(config.scoring_func == "sigmoid"),
+            KV_DTYPES.index(cache.keys[0].dtype),
             config.rms_norm_eps,
             dh**-0.5,
             embed.data_ptr(),

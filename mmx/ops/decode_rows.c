@@ -10,7 +10,8 @@
  * chosen expert is read once (as mmx::expert_rows does). Called by mmx/engine/native_step.py through ctypes, with
  * the model as the structs below (pointers into the model's own tensors and the cache's K/V pools; no copies).
  *
- * The arithmetic is the model's (mmx/model): float32 throughout, int8 weights times their row scales, RMSNorm's
+ * The arithmetic is the model's (mmx/model): float32 throughout (K/V stored in bfloat16 or float16 are rounded as
+ * torch rounds them and widened exactly as they are read), int8 weights times their row scales, RMSNorm's
  * statistic in float32, NeoX rotary on the first rotary_dim channels of each head, M2's QK-norm over all heads at
  * once, a sigmoid router with a selection-only bias or a softmax one, the chosen experts' weights renormalised.
  * Every output element is summed by one thread in a fixed order, so the result does not depend on the thread
@@ -34,13 +35,14 @@ typedef struct {
     const float *router;          /* [experts, hidden], float32 */
     const float *bias;            /* [experts], the sigmoid router's selection bias, or NULL */
     dm_matrix gate_up, down;      /* [experts * 2 * inner, hidden] and [experts * hidden, inner] */
-    float *keys, *values;         /* K/V pools [blocks, block_size, kv_heads, head_dim], float32 */
+    void *keys, *values;          /* K/V pools [blocks, block_size, kv_heads, head_dim], of the model's kv_dtype */
     float attn_alpha, attn_beta, mlp_alpha, mlp_beta;
 } dm_layer;
 
 typedef struct {
     int32_t layers, hidden, heads, kv_heads, head_dim, rotary_dim, experts, top_k, inner, vocab, block_size;
     int32_t postnorm, sigmoid_router;
+    int32_t kv_dtype; /* the K/V pools' element: KV_F32, KV_BF16 or KV_F16 */
     float eps, attn_scale;
     const float *embed;      /* [vocab, hidden] */
     const float *final_norm; /* [hidden] */
@@ -169,14 +171,42 @@ static void positions_at(const dm_model *m, const int64_t *table, int64_t length
         for (int j = 0; j < bs && p < length; j++, p++) out[p] = (table[b] * bs + j) * row;
 }
 
+enum { KV_F32, KV_BF16, KV_F16 };
+typedef uint16_t v16u16 __attribute__((vector_size(32), aligned(2)));
+typedef uint32_t v16u32 __attribute__((vector_size(64)));
+typedef _Float16 v16f16 __attribute__((vector_size(32), aligned(2)));
+
+/* 16 K/V elements from element ``at`` of a pool, widened to float32 (exactly: bf16 is a float32's upper half) */
+static inline __attribute__((always_inline)) v16 load_kv(const void *pool, int64_t at, const int KV) {
+    if (KV == KV_BF16) return (v16)(__builtin_convertvector(*(const v16u16 *)((const uint16_t *)pool + at), v16u32) << 16);
+    if (KV == KV_F16) return __builtin_convertvector(*(const v16f16 *)((const _Float16 *)pool + at), v16);
+    return load_f32((const float *)pool + at);
+}
+
+/* n floats into a pool at element ``at``, rounded to its element as torch rounds (to nearest, ties to even) */
+static void store_kv(void *pool, int64_t at, const float *x, int n, int kv) {
+    for (int i = 0; i < n; i++) {
+        if (kv == KV_F32) {
+            ((float *)pool)[at + i] = x[i];
+        } else if (kv == KV_F16) {
+            ((_Float16 *)pool)[at + i] = (_Float16)x[i];
+        } else {
+            uint32_t bits;
+            memcpy(&bits, x + i, 4);
+            uint16_t top = isnan(x[i]) ? 0x7fc0 : (uint16_t)((bits + 0x7fff + ((bits >> 16) & 1)) >> 16);
+            ((uint16_t *)pool)[at + i] = top;
+        }
+    }
+}
+
 /* softmax attention of K/V head g's query heads over the positions at[0 .. length) of the pools (the newest
  * written there first). Scores go 16 positions at a time into 16 accumulators and one transposing sum, the
  * exponentials 16 at a time; DH is the head size, a constant in each copy so that the output stays in registers. */
 static inline __attribute__((always_inline)) void attend_heads(const dm_model *m, const dm_layer *l, const float *q,
                                                                const int64_t *at, int64_t length, int g, float *out,
-                                                               float *scores, const int DH) {
+                                                               float *scores, const int DH, const int KV) {
     int R = m->heads / m->kv_heads;
-    const float *keys = l->keys + (int64_t)g * DH, *values = l->values + (int64_t)g * DH;
+    int64_t head = (int64_t)g * DH; /* head g's offset in each position's row */
     for (int h = g * R; h < (g + 1) * R; h++) {
         const float *qh = q + (int64_t)h * DH;
         int64_t p = 0;
@@ -184,14 +214,14 @@ static inline __attribute__((always_inline)) void attend_heads(const dm_model *m
             v16 acc[16] = {0};
             for (int d = 0; d < DH; d += 16) {
                 v16 qv = load_f32(qh + d);
-                for (int j = 0; j < 16; j++) acc[j] += qv * load_f32(keys + at[p + j] + d);
+                for (int j = 0; j < 16; j++) acc[j] += qv * load_kv(l->keys, head + at[p + j] + d, KV);
             }
             v16 s = sums16(acc) * splat(m->attn_scale);
             memcpy(scores + p, &s, sizeof s);
         }
         for (; p < length; p++) {
             v16 acc = {0};
-            for (int d = 0; d < DH; d += 16) acc += load_f32(qh + d) * load_f32(keys + at[p] + d);
+            for (int d = 0; d < DH; d += 16) acc += load_f32(qh + d) * load_kv(l->keys, head + at[p] + d, KV);
             scores[p] = hsum(acc) * m->attn_scale;
         }
         float top = -INFINITY, total = 0.0f;
@@ -206,7 +236,7 @@ static inline __attribute__((always_inline)) void attend_heads(const dm_model *m
         for (int c = 0; c < DH / 16; c++) o[c] = splat(0.0f);
         for (p = 0; p < length; p++) {
             v16 w = splat(scores[p]);
-            for (int c = 0; c < DH / 16; c++) o[c] += w * load_f32(values + at[p] + 16 * c);
+            for (int c = 0; c < DH / 16; c++) o[c] += w * load_kv(l->values, head + at[p] + 16 * c, KV);
         }
         for (int c = 0; c < DH / 16; c++) {
             v16 oc = o[c] * splat(1.0f / total);
@@ -215,12 +245,17 @@ static inline __attribute__((always_inline)) void attend_heads(const dm_model *m
     }
 }
 
+#define ATTEND_KV(DH)                                                                                                 \
+    (m->kv_dtype == KV_BF16  ? attend_heads(m, l, q, at, length, g, out, scores, DH, KV_BF16)                        \
+     : m->kv_dtype == KV_F16 ? attend_heads(m, l, q, at, length, g, out, scores, DH, KV_F16)                         \
+                             : attend_heads(m, l, q, at, length, g, out, scores, DH, KV_F32))
+
 static void attend(const dm_model *m, const dm_layer *l, const float *q, const int64_t *at, int64_t length, int g,
                    float *out, float *scores) {
     switch (m->head_dim) {
-    case 64: attend_heads(m, l, q, at, length, g, out, scores, 64); break;
-    case 128: attend_heads(m, l, q, at, length, g, out, scores, 128); break;
-    default: attend_heads(m, l, q, at, length, g, out, scores, m->head_dim);
+    case 64: ATTEND_KV(64); break;
+    case 128: ATTEND_KV(128); break;
+    default: ATTEND_KV(m->head_dim);
     }
 }
 
@@ -437,8 +472,8 @@ int mmx_decode_rows(const dm_model *m, int N, const int64_t *tokens, const int64
                     qrt[j] = l->q_norm ? l->q_norm[j] * (qt[j] * q_rms) : qt[j];
                 for (int hq = g * (H / G); hq < (g + 1) * (H / G); hq++)
                     rotate(qrt + (int64_t)hq * Dh, cos_ + (size_t)t * rd, sin_ + (size_t)t * rd, rd);
-                memcpy(l->keys + (write_at[t] * G + g) * Dh, krt + at, sizeof(float) * Dh);
-                memcpy(l->values + (write_at[t] * G + g) * Dh, vt + at, sizeof(float) * Dh);
+                store_kv(l->keys, (write_at[t] * G + g) * Dh, krt + at, Dh, m->kv_dtype);
+                store_kv(l->values, (write_at[t] * G + g) * Dh, vt + at, Dh, m->kv_dtype);
                 positions_at(m, tables + (size_t)t * width, lengths[t], offsets);
                 attend(m, l, qrt, offsets, lengths[t], g, attn + (size_t)t * QD, scores);
             }
