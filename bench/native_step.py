@@ -1,14 +1,14 @@
 """Decode steps through the native step (mmx.engine.native_step, ``mmx_decode_rows``) against the compiled graphs,
 two engines alternating in one process (bench/env_ab.py): ``MMX_NATIVE_DECODE=0`` and on; ms a decode step.
 
-Cases are MODEL[-int8]:BATCH (models as in bench/compiled_decode.py); the native step takes MiniMax-M2 models.
+Cases are MODEL[-int8]:BATCH (models as in bench/compiled_decode.py).
 """
 
 from __future__ import annotations
 
 from env_ab import compare, parser
 
-CASES = "m2:1,m2:4,m2:16,m2:32,m2-int8:1,m2-int8:4,m2-int8:16"
+CASES = "m2:1,m2:4,m2:16,m2:32,m2-int8:1,m2-int8:4,m2-int8:16,hybrid:1,hybrid:16,hybrid:32,hybrid-int8:1,hybrid-int8:16"
 
 
 def main() -> None:

@@ -25,6 +25,12 @@ from .conftest import tiny_model
 from .test_decode_graph import SETTINGS, needs_compiler
 
 
+@pytest.fixture(autouse=True)
+def _graphs_only(monkeypatch):
+    """The graphs are tested here; the models' steps would otherwise run natively (tests/test_native_step.py)."""
+    monkeypatch.setenv("MMX_NATIVE_DECODE", "0")
+
+
 def _step_inputs(n: int, blocks: int) -> tuple[torch.Tensor, ...]:
     """A decode step of ``n`` sequences at distinct positions over random block tables (8 blocks wide)."""
     gen = torch.Generator().manual_seed(n)

@@ -8,7 +8,7 @@ dot products, each sequence streaming weights small enough to stay in the cache
 (:func:`mmx.model.linear.streams_rows`). Everything the step depends on is a tensor argument, and the batch size
 and the number of context blocks are dynamic dimensions, so three graphs serve every step: one sequence (torch
 specialises size 1), 2 to FEW_ROWS sequences (dot products where they pay), and more (BLAS). Steps that prefill,
-score prompts or capture prefix-cache states stay eager. Models the native step takes (MiniMax-M2 on the CPU:
+score prompts or capture prefix-cache states stay eager. Models the native step takes (M1 and M2 on the CPU:
 :mod:`mmx.engine.native_step`) run their steps of up to NATIVE_ROWS sequences there instead, and need no graph
 unless the engine runs larger batches.
 

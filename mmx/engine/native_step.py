@@ -1,5 +1,5 @@
 """Decode steps of up to NATIVE_ROWS sequences in one C call (``mmx_decode_rows`` in mmx/ops/decode_rows.c), for
-models of softmax attention and MoE layers (MiniMax-M2) on the CPU.
+MiniMax models on the CPU: M2's softmax layers, M1's lightning and softmax layers, MoE after each.
 
 A decode step streams the weights once, and for few sequences what it costs beyond that is overhead: a compiled
 graph of the step runs ~27 OpenMP regions or barriers a layer, and at one sequence its dot products keep one
@@ -9,10 +9,10 @@ sequence, blocks of 4 weight rows by 4 sequences for more, each chosen expert re
 reads the model's tensors and the cache's K/V pools in place through pointers taken once: the engine's model keeps
 its tensors for its lifetime (an RL weight sync copies values into them), as the compiled graphs also assume.
 
-Taken when :func:`build` finds every piece it knows: float32 (or int8-quantised) decoder weights on the CPU, every
-layer softmax attention, K/V in float32, bfloat16 or float16, SiLU experts, sizes that are multiples of 16, and the
-kernels built. Anything else (lightning layers, bf16 weights, FP8) keeps the compiled graphs, and :func:`build` says
-why.
+Taken when :func:`build` finds every piece it knows: float32 (or int8-quantised) decoder weights on the CPU, K/V in
+float32, bfloat16 or float16, float32 lightning states, SiLU activations, sizes that are multiples of 16, and the
+kernels built. Anything else (bf16 weights, FP8, another activation) keeps the compiled graphs, and :func:`build`
+says why.
 ``MMX_NATIVE_DECODE=0`` turns it off (for comparisons).
 """
 
@@ -25,6 +25,7 @@ import torch
 
 from mmx.engine.cache import HybridCache
 from mmx.engine.sequence import Sequence
+from mmx.model.lightning import LightningAttention
 from mmx.model.linear import Linear
 from mmx.model.modeling import MiniMaxForCausalLM
 from mmx.model.moe import Experts
@@ -35,9 +36,9 @@ from mmx.utils.logging import get_logger
 
 logger = get_logger(__name__)
 
-# Steps of up to this many sequences run natively; larger ones take the compiled graphs. Tiny M2 (bench config),
-# native against the graphs, two engines alternating: 0.42x the step time at 1 sequence, 0.79x at 4 and 16, 0.68x
-# at 32, 0.75x at 64 (docs/benchmarks.md).
+# Steps of up to this many sequences run natively; larger ones take the compiled graphs. Native against the graphs,
+# two engines alternating (docs/benchmarks.md): tiny M2 0.42-0.63x the step time at 1 sequence, 0.75-0.88x at 4-16,
+# 0.68-0.75x at 32-64; the tiny hybrid 0.80x at 1, 1.04x at 16 (int8 0.95x), 0.78x at 32.
 NATIVE_ROWS = 64
 VECTOR = 16  # the kernel's vector width in floats: hidden, head and expert sizes must be multiples of it
 
@@ -71,6 +72,13 @@ class _Layer(ctypes.Structure):
         ("attn_beta", ctypes.c_float),
         ("mlp_alpha", ctypes.c_float),
         ("mlp_beta", ctypes.c_float),
+        ("lightning", ctypes.c_int32),
+        ("qkv", _Matrix),
+        ("gate", _Matrix),
+        ("lightning_norm", ctypes.c_void_p),
+        ("rates", ctypes.c_void_p),
+        ("states", ctypes.c_void_p),
+        ("lightning_eps", ctypes.c_float),
     ]
 
 
@@ -170,6 +178,24 @@ def _pool(t: torch.Tensor, what: str) -> torch.Tensor:
     return t
 
 
+def _lightning(attn: torch.nn.Module, states: torch.Tensor, keep: list[torch.Tensor]) -> dict:
+    """A lightning layer's fields: its projections, norm, decay rates and state pool."""
+    if type(attn) is not LightningAttention:
+        raise _Unsupported(f"a lightning layer of type {type(attn).__name__}")
+    rates = attn.rates(torch.device("cpu"))
+    keep.extend((_float32(rates, "the decay rates"), _float32(states, "the lightning state pool")))
+    return dict(
+        lightning=1,
+        o=_matrix(attn.out_proj, "out_proj", keep),
+        qkv=_matrix(attn.qkv_proj, "qkv_proj", keep),
+        gate=_matrix(attn.output_gate, "output_gate", keep),
+        lightning_norm=_norm(attn.norm, "the lightning norm", keep),
+        rates=rates.data_ptr(),
+        states=states.data_ptr(),
+        lightning_eps=attn.norm.eps,
+    )
+
+
 class NativeStep:
     """Calls ``mmx_decode_rows`` for a decode step of a few sequences: their logits, their K/V written into the
     pools."""
@@ -180,40 +206,41 @@ class NativeStep:
         keep = self.keep
         if model.device.type != "cpu":
             raise _Unsupported(f"the model is on {model.device}")
-        if any(config.is_lightning(i) for i in range(config.num_hidden_layers)):
-            raise _Unsupported("lightning-attention layers")
         d, dh, inner = config.hidden_size, config.head_dim, config.intermediate_size
         if d % VECTOR or dh % VECTOR or inner % VECTOR or config.rotary_dim % 2 or config.rotary_dim > dh:
             raise _Unsupported(f"hidden {d}, head {dh}, expert {inner} sizes not all multiples of {VECTOR}")
+        if any(config.is_lightning(i) for i in range(config.num_hidden_layers)) and config.hidden_act != "silu":
+            raise _Unsupported(f"lightning layers with {config.hidden_act!r} (SiLU only)")
         layers = []
         for i, layer in enumerate(model.model.layers):
             attn, mlp = layer.self_attn, layer.mlp
-            keys, values = _pool(cache.keys[i], "K"), _pool(cache.values[i], "V")
-            keep.extend((keys, values))
             gate_up, down = _experts(mlp.experts, keep)
             bias = _float32(mlp.e_score_correction_bias, "the routing bias", optional=True)
-            if bias is not None:
-                keep.append(bias)
-            layers.append(
-                _Layer(
-                    _norm(layer.input_layernorm, "input_layernorm", keep),
-                    _norm(layer.post_attention_layernorm, "post_attention_layernorm", keep),
-                    _norm(attn.q_norm, "q_norm", keep),
-                    _norm(attn.k_norm, "k_norm", keep),
-                    *(_matrix(getattr(attn, f"{p}_proj"), f"{p}_proj", keep) for p in "qkvo"),
-                    _float32(mlp.gate.weight, "the router").data_ptr(),
-                    None if bias is None else bias.data_ptr(),
-                    gate_up,
-                    down,
-                    keys.data_ptr(),
-                    values.data_ptr(),
-                    layer.attn_alpha,
-                    layer.attn_beta,
-                    layer.mlp_alpha,
-                    layer.mlp_beta,
-                )
+            keep.extend(t for t in (bias, _float32(mlp.gate.weight, "the router")) if t is not None)
+            fields = dict(
+                input_norm=_norm(layer.input_layernorm, "input_layernorm", keep),
+                post_norm=_norm(layer.post_attention_layernorm, "post_attention_layernorm", keep),
+                router=mlp.gate.weight.data_ptr(),
+                bias=None if bias is None else bias.data_ptr(),
+                gate_up=gate_up,
+                down=down,
+                attn_alpha=layer.attn_alpha,
+                attn_beta=layer.attn_beta,
+                mlp_alpha=layer.mlp_alpha,
+                mlp_beta=layer.mlp_beta,
             )
-            keep.append(mlp.gate.weight)
+            if config.is_lightning(i):
+                fields.update(_lightning(attn, cache.states[i], keep))
+            else:
+                keys, values = _pool(cache.keys[i], "K"), _pool(cache.values[i], "V")
+                keep.extend((keys, values))
+                fields.update(
+                    {f"{p}_norm": _norm(getattr(attn, f"{p}_norm"), f"{p}_norm", keep) for p in "qk"},
+                    **{p: _matrix(getattr(attn, f"{p}_proj"), f"{p}_proj", keep) for p in "qkvo"},
+                    keys=keys.data_ptr(),
+                    values=values.data_ptr(),
+                )
+            layers.append(_Layer(**fields))
         self._layers = (_Layer * len(layers))(*layers)
         inv_freq = model.model.rotary.inv_freq(torch.device("cpu")).contiguous()
         keep.append(inv_freq)
@@ -233,7 +260,7 @@ class NativeStep:
             cache.block_size,
             int(config.postnorm),
             int(config.scoring_func == "sigmoid"),
-            KV_DTYPES.index(cache.keys[0].dtype),
+            KV_DTYPES.index(next(iter(cache.keys.values())).dtype) if cache.keys else 0,
             config.rms_norm_eps,
             dh**-0.5,
             embed.data_ptr(),
@@ -246,7 +273,7 @@ class NativeStep:
         self._function = ctypes.CDLL(path).mmx_decode_rows
         self._function.restype = ctypes.c_int
         pointer, i64 = ctypes.c_void_p, ctypes.c_int64
-        self._function.argtypes = [pointer, ctypes.c_int, *[pointer] * 4, i64, pointer, pointer, ctypes.c_int]
+        self._function.argtypes = [pointer, ctypes.c_int, *[pointer] * 4, i64, *[pointer] * 3, ctypes.c_int]
         self.vocab = config.vocab_size
         self.block_size = cache.block_size
         self.steps = 0  # decode steps taken (of any number of sequences)
@@ -272,6 +299,7 @@ class NativeStep:
             tables,
             width,
             longs(*(a + 1 for a in starts)),
+            longs(*(seq.slot or 0 for seq in seqs)),
             logits.data_ptr(),
             torch.get_num_threads(),
         )

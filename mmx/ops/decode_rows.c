@@ -1,5 +1,5 @@
-/* One decode step of a few sequences through a softmax-attention MoE decoder (MiniMax-M2, and M1-style layers
- * without lightning attention), in one parallel region.
+/* One decode step of a few sequences through a MiniMax decoder (M2's softmax layers, M1's lightning and softmax
+ * layers, MoE after each), in one parallel region.
  *
  * A compiled graph of this step runs ~27 OpenMP regions or work-sharing barriers a layer, and writes each weight
  * product as one dot product per output row: one accumulator chain per row, so int8 weights (widened as they are
@@ -37,6 +37,14 @@ typedef struct {
     dm_matrix gate_up, down;      /* [experts * 2 * inner, hidden] and [experts * hidden, inner] */
     void *keys, *values;          /* K/V pools [blocks, block_size, kv_heads, head_dim], of the model's kv_dtype */
     float attn_alpha, attn_beta, mlp_alpha, mlp_beta;
+    /* a lightning layer (M1) instead: silu(qkv) packed per head [q | k | v], a decayed state per head, RMSNorm over
+     * all heads, a sigmoid gate, and o as its output projection */
+    int32_t lightning;
+    dm_matrix qkv, gate;          /* [heads * 3 * head_dim, hidden], [heads * head_dim, hidden] */
+    const float *lightning_norm;  /* [heads * head_dim] */
+    const float *rates;           /* [heads]: the state decays by exp(-rate) a token */
+    float *states;                /* state pool [slots, heads, head_dim, head_dim], float32 */
+    float lightning_eps;
 } dm_layer;
 
 typedef struct {
@@ -391,6 +399,28 @@ static void down_grouped(const dm_model *m, const dm_layer *l, const float *act,
     }
 }
 
+/* one head's lightning step: q, k, v <- silu of their packed projections; state <- state * decay + k v^T;
+ * out = q . state (over the key dimension) */
+static void lightning_head(const float *qkv, float rate, float *state, float *out, int Dh) {
+    float q[Dh], k[Dh];
+    for (int i = 0; i < Dh; i++) {
+        q[i] = qkv[i] / (1.0f + expf(-qkv[i]));
+        k[i] = qkv[Dh + i] / (1.0f + expf(-qkv[Dh + i]));
+    }
+    const float *vr = qkv + 2 * Dh;
+    float decay = expf(-rate);
+    for (int c = 0; c < Dh; c += 16) {
+        v16 v = silu16(load_f32(vr + c)), o = {0};
+        for (int i = 0; i < Dh; i++) {
+            float *row = state + (int64_t)i * Dh + c;
+            v16 sv = load_f32(row) * splat(decay) + splat(k[i]) * v;
+            memcpy(row, &sv, sizeof sv);
+            o += splat(q[i]) * sv;
+        }
+        memcpy(out + c, &o, sizeof o);
+    }
+}
+
 /* x <- alpha * r + beta * y over the columns [d0, d1) of N rows of D: r is x itself (pre-norm, M2) or the
  * normalised input (post-norm, M1) */
 static void residual(float *x, const float *r, float alpha, const float *y, float beta, int N, int D, int d0, int d1) {
@@ -408,15 +438,16 @@ static void residual(float *x, const float *r, float alpha, const float *y, floa
  * positions through its block table, row t of tables [N, width]. Returns 0, or 1 when scratch memory cannot be
  * had (nothing written). */
 int mmx_decode_rows(const dm_model *m, int N, const int64_t *tokens, const int64_t *positions, const int64_t *write_at,
-                    const int64_t *tables, int64_t width, const int64_t *lengths, float *logits, int threads) {
+                    const int64_t *tables, int64_t width, const int64_t *lengths, const int64_t *slots, float *logits,
+                    int threads) {
     int D = m->hidden, H = m->heads, G = m->kv_heads, Dh = m->head_dim, E = m->experts, K = m->top_k, I = m->inner;
     int QD = H * Dh, KD = G * Dh, rd = m->rotary_dim, half = rd / 2;
     int64_t longest = 1;
     for (int t = 0; t < N; t++) longest = lengths[t] > longest ? lengths[t] : longest;
-    size_t shared = (size_t)N * (3 * QD + 3 * KD + 2 * D + E + (size_t)K * I + 2 * rd);
+    size_t shared = (size_t)N * (7 * QD + 3 * KD + 2 * D + E + (size_t)K * I + 2 * rd); /* + lightning's qkv, gate */
     float *buf = malloc(sizeof(float) * shared);
     /* h, h2, scores, then the positions' offsets (int64, 8-byte aligned: every count here is even) */
-    size_t each = (size_t)2 * N * D + 2 * ((longest + 1) / 2) + 2 * longest;
+    size_t each = (size_t)2 * N * D + (size_t)N * QD + 2 * ((longest + 1) / 2) + 2 * longest; /* + z */
     float *per_thread = malloc(sizeof(float) * each * threads);
     if (!buf || !per_thread) {
         free(buf);
@@ -426,7 +457,7 @@ int mmx_decode_rows(const dm_model *m, int N, const int64_t *tokens, const int64
     float *x = buf, *q = x + (size_t)N * D, *k = q + (size_t)N * QD, *v = k + (size_t)N * KD, *qr = v + (size_t)N * KD;
     float *kr = qr + (size_t)N * QD, *attn = kr + (size_t)N * KD, *o = attn + (size_t)N * QD;
     float *router = o + (size_t)N * D, *act = router + (size_t)N * E, *cos_ = act + (size_t)N * K * I;
-    float *sin_ = cos_ + (size_t)N * rd;
+    float *sin_ = cos_ + (size_t)N * rd, *lqkv = sin_ + (size_t)N * rd, *lgate = lqkv + (size_t)N * 3 * QD;
     for (int t = 0; t < N; t++) {
         memcpy(x + (size_t)t * D, m->embed + tokens[t] * D, sizeof(float) * D);
         for (int j = 0; j < half; j++) { /* float32 angles, as the model's RotaryEmbedding */
@@ -439,48 +470,75 @@ int mmx_decode_rows(const dm_model *m, int N, const int64_t *tokens, const int64
 #pragma omp parallel num_threads(threads)
     {
         int tid = omp_get_thread_num(), nt = omp_get_num_threads();
-        float *h = per_thread + each * tid, *h2 = h + (size_t)N * D, *scores = h2 + (size_t)N * D;
+        float *h = per_thread + each * tid, *h2 = h + (size_t)N * D, *z = h2 + (size_t)N * D, *scores = z + (size_t)N * QD;
         int64_t *offsets = (int64_t *)(scores + 2 * ((longest + 1) / 2));
         int ids[N * K], start[E + 1], pair[N * K];
         float mix[N * K];
         int r0, r1;
         for (int li = 0; li < m->layers; li++) {
             const dm_layer *l = m->layer + li;
-            /* attention: q, k, v of the normalised inputs */
             for (int t = 0; t < N; t++) rms_norm(x + (size_t)t * D, l->input_norm, h + (size_t)t * D, D, m->eps);
-            share(QD + 2 * KD, tid, nt, &r0, &r1);
-            int a0 = r0 < QD ? r0 : QD, a1 = r1 < QD ? r1 : QD;
-            products(&l->q, h, N, D, q + a0, QD, a0, a1, D);
-            a0 = r0 < QD ? 0 : (r0 - QD < KD ? r0 - QD : KD), a1 = r1 < QD ? 0 : (r1 - QD < KD ? r1 - QD : KD);
-            products(&l->k, h, N, D, k + a0, KD, a0, a1, D);
-            a0 = r0 < QD + KD ? 0 : r0 - QD - KD, a1 = r1 < QD + KD ? 0 : r1 - QD - KD;
-            products(&l->v, h, N, D, v + a0, KD, a0, a1, D);
+            const float *mixed = attn; /* what the output projection reads */
+            if (l->lightning) {
+                /* lightning: the packed q|k|v and the gate of the normalised inputs */
+                share(4 * QD, tid, nt, &r0, &r1);
+                int a0 = r0 < 3 * QD ? r0 : 3 * QD, a1 = r1 < 3 * QD ? r1 : 3 * QD;
+                products(&l->qkv, h, N, D, lqkv + a0, 3 * QD, a0, a1, D);
+                a0 = r0 < 3 * QD ? 0 : r0 - 3 * QD, a1 = r1 < 3 * QD ? 0 : r1 - 3 * QD;
+                products(&l->gate, h, N, D, lgate + a0, QD, a0, a1, D);
 #pragma omp barrier
-            /* this thread's (sequence, K/V head) pairs: QK-norm (statistics over all heads) and rotary into qr / kr,
-             * the new K/V into the pools, then the attention of the head's queries */
-            for (int item = (int)((int64_t)N * G * tid / nt); item < (int)((int64_t)N * G * (tid + 1) / nt); item++) {
-                int t = item / G, g = item % G;
-                const float *qt = q + (size_t)t * QD, *kt = k + (size_t)t * KD, *vt = v + (size_t)t * KD;
-                float *qrt = qr + (size_t)t * QD, *krt = kr + (size_t)t * KD;
-                float q_rms = l->q_norm ? 1.0f / sqrtf(sum_squares(qt, QD) / (float)QD + m->eps) : 1.0f;
-                float k_rms = l->k_norm ? 1.0f / sqrtf(sum_squares(kt, KD) / (float)KD + m->eps) : 1.0f;
-                int64_t at = (int64_t)g * Dh;
-                for (int d = 0; d < Dh; d++)
-                    krt[at + d] = l->k_norm ? l->k_norm[at + d] * (kt[at + d] * k_rms) : kt[at + d];
-                rotate(krt + at, cos_ + (size_t)t * rd, sin_ + (size_t)t * rd, rd);
-                for (int64_t j = (int64_t)g * (H / G) * Dh; j < (int64_t)(g + 1) * (H / G) * Dh; j++)
-                    qrt[j] = l->q_norm ? l->q_norm[j] * (qt[j] * q_rms) : qt[j];
-                for (int hq = g * (H / G); hq < (g + 1) * (H / G); hq++)
-                    rotate(qrt + (int64_t)hq * Dh, cos_ + (size_t)t * rd, sin_ + (size_t)t * rd, rd);
-                store_kv(l->keys, (write_at[t] * G + g) * Dh, krt + at, Dh, m->kv_dtype);
-                store_kv(l->values, (write_at[t] * G + g) * Dh, vt + at, Dh, m->kv_dtype);
-                positions_at(m, tables + (size_t)t * width, lengths[t], offsets);
-                attend(m, l, qrt, offsets, lengths[t], g, attn + (size_t)t * QD, scores);
+                /* this thread's (sequence, head) pairs: the state's step and the head's output */
+                for (int item = (int)((int64_t)N * H * tid / nt); item < (int)((int64_t)N * H * (tid + 1) / nt); item++) {
+                    int t = item / H, hd = item % H;
+                    float *state = l->states + ((size_t)slots[t] * H + hd) * Dh * Dh;
+                    lightning_head(lqkv + (size_t)t * 3 * QD + (size_t)hd * 3 * Dh, l->rates[hd], state,
+                                   attn + (size_t)t * QD + (size_t)hd * Dh, Dh);
+                }
+#pragma omp barrier
+                /* z = sigmoid(gate) * RMSNorm(heads), every sequence's by every thread (the products split rows) */
+                for (int t = 0; t < N; t++) {
+                    float *zt = z + (size_t)t * QD;
+                    const float *gt = lgate + (size_t)t * QD;
+                    rms_norm(attn + (size_t)t * QD, l->lightning_norm, zt, QD, l->lightning_eps);
+                    for (int j = 0; j < QD; j++) zt[j] *= 1.0f / (1.0f + expf(-gt[j]));
+                }
+                mixed = z;
+            } else {
+                /* softmax attention: q, k, v of the normalised inputs */
+                share(QD + 2 * KD, tid, nt, &r0, &r1);
+                int a0 = r0 < QD ? r0 : QD, a1 = r1 < QD ? r1 : QD;
+                products(&l->q, h, N, D, q + a0, QD, a0, a1, D);
+                a0 = r0 < QD ? 0 : (r0 - QD < KD ? r0 - QD : KD), a1 = r1 < QD ? 0 : (r1 - QD < KD ? r1 - QD : KD);
+                products(&l->k, h, N, D, k + a0, KD, a0, a1, D);
+                a0 = r0 < QD + KD ? 0 : r0 - QD - KD, a1 = r1 < QD + KD ? 0 : r1 - QD - KD;
+                products(&l->v, h, N, D, v + a0, KD, a0, a1, D);
+#pragma omp barrier
+                /* this thread's (sequence, K/V head) pairs: QK-norm (statistics over all heads) and rotary into qr / kr,
+                 * the new K/V into the pools, then the attention of the head's queries */
+                for (int item = (int)((int64_t)N * G * tid / nt); item < (int)((int64_t)N * G * (tid + 1) / nt); item++) {
+                    int t = item / G, g = item % G;
+                    const float *qt = q + (size_t)t * QD, *kt = k + (size_t)t * KD, *vt = v + (size_t)t * KD;
+                    float *qrt = qr + (size_t)t * QD, *krt = kr + (size_t)t * KD;
+                    float q_rms = l->q_norm ? 1.0f / sqrtf(sum_squares(qt, QD) / (float)QD + m->eps) : 1.0f;
+                    float k_rms = l->k_norm ? 1.0f / sqrtf(sum_squares(kt, KD) / (float)KD + m->eps) : 1.0f;
+                    int64_t at = (int64_t)g * Dh;
+                    for (int d = 0; d < Dh; d++)
+                        krt[at + d] = l->k_norm ? l->k_norm[at + d] * (kt[at + d] * k_rms) : kt[at + d];
+                    rotate(krt + at, cos_ + (size_t)t * rd, sin_ + (size_t)t * rd, rd);
+                    for (int64_t j = (int64_t)g * (H / G) * Dh; j < (int64_t)(g + 1) * (H / G) * Dh; j++)
+                        qrt[j] = l->q_norm ? l->q_norm[j] * (qt[j] * q_rms) : qt[j];
+                    for (int hq = g * (H / G); hq < (g + 1) * (H / G); hq++)
+                        rotate(qrt + (int64_t)hq * Dh, cos_ + (size_t)t * rd, sin_ + (size_t)t * rd, rd);
+                    store_kv(l->keys, (write_at[t] * G + g) * Dh, krt + at, Dh, m->kv_dtype);
+                    store_kv(l->values, (write_at[t] * G + g) * Dh, vt + at, Dh, m->kv_dtype);
+                    positions_at(m, tables + (size_t)t * width, lengths[t], offsets);
+                    attend(m, l, qrt, offsets, lengths[t], g, attn + (size_t)t * QD, scores);
+                }
+#pragma omp barrier
             }
-#pragma omp barrier
             /* output projection and the residual */
             share(D, tid, nt, &r0, &r1);
-            products(&l->o, attn, N, QD, o + r0, D, r0, r1, QD);
+            products(&l->o, mixed, N, QD, o + r0, D, r0, r1, QD);
             residual(x, m->postnorm ? h : x, l->attn_alpha, o, l->attn_beta, N, D, r0, r1);
 #pragma omp barrier
             /* the router over the normalised residuals */
