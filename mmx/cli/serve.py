@@ -56,8 +56,10 @@ def run(args: argparse.Namespace) -> int:
 
     def prepare():
         engine, tokenizer = load_engine(path, **engine_kwargs(args))
-        if engine.decode_graph is not None:
-            print("mmx: compiling the decode step (cached for later runs; --enforce-eager skips it)", flush=True)
+        graph = engine.decode_graph
+        if graph is not None:
+            if graph.needs_graphs(engine.args.max_num_seqs):
+                print("mmx: compiling the decode step (cached for later runs; --enforce-eager skips it)", flush=True)
             engine.warm_up()
         return engine, tokenizer
 

@@ -175,14 +175,19 @@ class DecodeGraph:
             return None
         return self._run(self.inputs(seqs))
 
+    def needs_graphs(self, max_num_seqs: int) -> bool:
+        """Whether an engine of up to ``max_num_seqs`` sequences a step needs compiled graphs: not when the native
+        step takes every batch it can run."""
+        return self.native is None or max_num_seqs > native_step.NATIVE_ROWS
+
     @torch.inference_mode()  # as in the engine's steps: inference tensors get graphs of their own
     def warm_up(self, max_num_seqs: int, max_model_len: int) -> float:
         """Build every graph the engine can need (one sequence, a few, many; short and full-length contexts)
         before serving, so that no request waits for a compilation; returns the seconds spent. Writes one token's
         K/V into block 0 and a state into slot 0, so it must run before any sequence holds them (at start-up)."""
         start = time.perf_counter()
-        if self.native is not None and max_num_seqs <= native_step.NATIVE_ROWS:
-            return 0.0  # every step runs natively: no graph is needed
+        if not self.needs_graphs(max_num_seqs):
+            return 0.0
         if self.compiler == "aot":
             self._prepare_aot()
         longest = math.ceil(math.ceil(max_model_len / self.cache.block_size) / TABLE_STEP) * TABLE_STEP
