@@ -31,7 +31,7 @@ from mmx.model.modeling import MiniMaxForCausalLM
 from mmx.model.moe import Experts
 from mmx.model.norm import RMSNorm
 from mmx.model.quantization import Int8Experts, Int8Linear
-from mmx.ops.expert_rows import library_path
+from mmx.ops.expert_rows import VECTOR, library_path
 from mmx.utils.logging import get_logger
 
 logger = get_logger(__name__)
@@ -40,7 +40,6 @@ logger = get_logger(__name__)
 # two engines alternating (docs/benchmarks.md): tiny M2 0.42-0.63x the step time at 1 sequence, 0.75-0.88x at 4-16,
 # 0.68-0.75x at 32-64; the tiny hybrid 0.80x at 1, 1.04x at 16 (int8 0.95x), 0.78x at 32.
 NATIVE_ROWS = 64
-VECTOR = 16  # the kernel's vector width in floats: hidden, head and expert sizes must be multiples of it
 
 
 class _Matrix(ctypes.Structure):
@@ -48,7 +47,6 @@ class _Matrix(ctypes.Structure):
         ("weight", ctypes.c_void_p),
         ("scale", ctypes.c_void_p),
         ("scale_bf16", ctypes.c_int32),
-        ("rows", ctypes.c_int32),
     ]
 
 
@@ -128,7 +126,6 @@ def _matrix(module: torch.nn.Module, what: str, keep: list[torch.Tensor]) -> _Ma
 
 
 def _weights(weight: torch.Tensor, scale: torch.Tensor | None, what: str, keep: list[torch.Tensor]) -> _Matrix:
-    rows = weight.numel() // weight.shape[-1]
     if scale is not None:
         if (
             weight.dtype != torch.int8
@@ -136,14 +133,13 @@ def _weights(weight: torch.Tensor, scale: torch.Tensor | None, what: str, keep: 
             or scale.dtype not in (torch.float32, torch.bfloat16)
         ):
             raise _Unsupported(f"{what}: int8 weights with float32 or bfloat16 scales expected")
-        if not scale.is_contiguous() or scale.numel() != rows:
+        if not scale.is_contiguous() or scale.numel() != weight.numel() // weight.shape[-1]:
             raise _Unsupported(f"{what}: one contiguous scale per row expected")
     keep.extend(t for t in (weight, scale) if t is not None)
     return _Matrix(
         weight.data_ptr(),
         None if scale is None else scale.data_ptr(),
         int(scale is not None and scale.dtype == torch.bfloat16),
-        rows,
     )
 
 

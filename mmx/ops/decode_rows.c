@@ -25,7 +25,6 @@ typedef struct {
     const void *weight;  /* [rows, cols], float32 or int8 */
     const void *scale;   /* int8: one scale per row (float32, or bfloat16 when scale_bf16); NULL for float32 */
     int32_t scale_bf16;
-    int32_t rows;
 } dm_matrix;
 
 typedef struct {
@@ -466,7 +465,7 @@ int mmx_decode_rows(const dm_model *m, int N, const int64_t *tokens, const int64
             sin_[t * rd + j] = sin_[t * rd + j + half] = sinf(angle);
         }
     }
-    dm_matrix router_matrix = {NULL, NULL, 0, E};
+    dm_matrix router_matrix = {NULL, NULL, 0}; /* float32 [experts, hidden] */
 #pragma omp parallel num_threads(threads)
     {
         int tid = omp_get_thread_num(), nt = omp_get_num_threads();
