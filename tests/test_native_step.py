@@ -123,6 +123,20 @@ def test_native_steps_read_weights_updated_in_place():
     assert max(abs(a - b) for a, b in zip(expected[0][1], actual[0][1])) < 2e-4
 
 
+def test_native_step_refuses_a_table_without_the_position_block():
+    """The C step reads positions through the block tables as it is given them: a sequence whose table does not
+    reach the position it feeds is refused by name instead of being read past its end."""
+    engine = LLMEngine(tiny_model("tiny-m2"), enforce_eager=False, **SETTINGS)
+    engine.add_request("r", list(range(1, 8)), SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
+    engine.step()  # the prompt
+    while engine.scheduler.running[0].num_computed_tokens % SETTINGS["block_size"]:
+        engine.step()  # stop where the next token starts a block the scheduler has not grown yet
+    seq = engine.scheduler.running[0]
+    assert len(seq.block_table) * SETTINGS["block_size"] == seq.num_computed_tokens
+    with pytest.raises(ValueError, match="no cache block for position"):
+        engine.decode_graph.native([seq])
+
+
 def test_native_steps_do_not_depend_on_the_thread_count():
     """Each output element is summed by one thread in a fixed order: one thread and two give the same bits."""
     runs = []

@@ -279,6 +279,9 @@ class NativeStep:
         n, bs = len(seqs), self.block_size
         starts = [seq.num_computed_tokens for seq in seqs]
         rows = [seq.block_table[: a // bs + 1] for seq, a in zip(seqs, starts)]
+        for seq, a, row in zip(seqs, starts, rows):
+            if len(row) <= a // bs:  # the C step trusts its tables: one too short would read past them
+                raise ValueError(f"{seq} has no cache block for position {a} (the scheduler grows it first)")
         width = max(len(row) for row in rows)
         longs = ctypes.c_int64 * n
         tokens = longs(*(seq.tokens(a, a + 1)[0] for seq, a in zip(seqs, starts)))

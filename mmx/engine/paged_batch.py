@@ -155,7 +155,7 @@ class PagedBatch:
             else:
                 ks, vs = read(keys[past]).permute(1, 0, 2)[None], read(values[past]).permute(1, 0, 2)[None]
             outs.append(causal_softmax(qs, ks, vs, scale, q_offset=start)[0])
-        return torch.cat(outs, dim=1)[None]
+        return (outs[0] if len(outs) == 1 else torch.cat(outs, dim=1))[None]
 
     def lightning_attention(
         self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rates: torch.Tensor
