@@ -224,48 +224,88 @@ static void store_kv(void *pool, int64_t at, const float *x, int n, int kv) {
     }
 }
 
-/* softmax attention of K/V head g's query heads over the positions at[0 .. length) of the pools (the newest
- * written there first). Scores go 16 positions at a time into 16 accumulators and one transposing sum, the
- * exponentials 16 at a time; DH is the head size, a constant in each copy so that the output stays in registers. */
+/* softmax attention of HB query heads h0 .. h0 + HB of K/V head g over the positions at[0 .. length) of the pools (the
+ * newest written there first), reading each position's K and V once for all HB heads. Scores go 16 / HB positions
+ * x HB heads at a time into 16 accumulators and one transposing sum (scores[h * length + p] for head h0 + h), the
+ * exponentials 16 at a time, then the values 64 channels at a time for the HB heads together. Each score and output
+ * element is summed in the same order whatever HB is. DH is the head size, a constant in each copy. */
+static inline __attribute__((always_inline)) void attend_pass(const dm_model *m, const dm_layer *l, const float *q,
+                                                              const int64_t *at, int64_t length, int g, int h0,
+                                                              float *out, float *scores, const int HB, const int DH,
+                                                              const int KV) {
+    const int PB = 16 / HB; /* positions a block */
+    int64_t head = (int64_t)g * DH; /* head g's offset in each position's row */
+    const float *qh = q + (int64_t)h0 * DH;
+    int64_t p = 0;
+    for (; p + PB <= length; p += PB) {
+        v16 acc[16] = {0};
+        for (int d = 0; d < DH; d += 16) {
+            v16 qv[HB];
+            for (int h = 0; h < HB; h++) qv[h] = load_f32(qh + (int64_t)h * DH + d);
+            for (int j = 0; j < PB; j++) {
+                v16 kv = load_kv(l->keys, head + at[p + j] + d, KV);
+                for (int h = 0; h < HB; h++) acc[j * HB + h] += qv[h] * kv;
+            }
+        }
+        v16 s = sums16(acc) * splat(m->attn_scale);
+        for (int j = 0; j < PB; j++)
+            for (int h = 0; h < HB; h++) scores[h * length + p + j] = s[j * HB + h];
+    }
+    for (; p < length; p++)
+        for (int h = 0; h < HB; h++) {
+            v16 acc = {0};
+            for (int d = 0; d < DH; d += 16) acc += load_f32(qh + (int64_t)h * DH + d) * load_kv(l->keys, head + at[p] + d, KV);
+            scores[h * length + p] = hsum(acc) * m->attn_scale;
+        }
+    float scale[HB];
+    for (int h = 0; h < HB; h++) {
+        float *sh = scores + h * length, top = -INFINITY, total = 0.0f;
+        for (p = 0; p < length; p++) top = sh[p] > top ? sh[p] : top;
+        for (p = 0; p + 16 <= length; p += 16) {
+            v16 e = exp16(load_f32(sh + p) - splat(top));
+            memcpy(sh + p, &e, sizeof e);
+            total += hsum(e);
+        }
+        for (; p < length; p++) total += sh[p] = expf(sh[p] - top);
+        scale[h] = 1.0f / total;
+    }
+    for (int c = 0; c < DH; c += 64) {
+        const int CV = DH - c < 64 ? (DH - c) / 16 : 4; /* vectors of this channel block */
+        v16 o[HB][4];
+        for (int h = 0; h < HB; h++)
+            for (int v = 0; v < 4; v++) o[h][v] = splat(0.0f);
+        for (p = 0; p < length; p++) {
+            v16 vv[4];
+            for (int v = 0; v < CV; v++) vv[v] = load_kv(l->values, head + at[p] + c + 16 * v, KV);
+            for (int h = 0; h < HB; h++) {
+                v16 w = splat(scores[h * length + p]);
+                for (int v = 0; v < CV; v++) o[h][v] += w * vv[v];
+            }
+        }
+        for (int h = 0; h < HB; h++)
+            for (int v = 0; v < CV; v++) {
+                v16 oc = o[h][v] * splat(scale[h]);
+                memcpy(out + (int64_t)(h0 + h) * DH + c + 16 * v, &oc, sizeof oc);
+            }
+    }
+}
+
+/* K/V head g's query heads, up to 4 in each pass over its K and V (MiniMax-M2 has 6 a K/V head: a pass of 4 and one
+ * of 2, where one pass a head read them 6 times) */
 static inline __attribute__((always_inline)) void attend_heads(const dm_model *m, const dm_layer *l, const float *q,
                                                                const int64_t *at, int64_t length, int g, float *out,
                                                                float *scores, const int DH, const int KV) {
     int R = m->heads / m->kv_heads;
-    int64_t head = (int64_t)g * DH; /* head g's offset in each position's row */
-    for (int h = g * R; h < (g + 1) * R; h++) {
-        const float *qh = q + (int64_t)h * DH;
-        int64_t p = 0;
-        for (; p + 16 <= length; p += 16) {
-            v16 acc[16] = {0};
-            for (int d = 0; d < DH; d += 16) {
-                v16 qv = load_f32(qh + d);
-                for (int j = 0; j < 16; j++) acc[j] += qv * load_kv(l->keys, head + at[p + j] + d, KV);
-            }
-            v16 s = sums16(acc) * splat(m->attn_scale);
-            memcpy(scores + p, &s, sizeof s);
-        }
-        for (; p < length; p++) {
-            v16 acc = {0};
-            for (int d = 0; d < DH; d += 16) acc += load_f32(qh + d) * load_kv(l->keys, head + at[p] + d, KV);
-            scores[p] = hsum(acc) * m->attn_scale;
-        }
-        float top = -INFINITY, total = 0.0f;
-        for (p = 0; p < length; p++) top = scores[p] > top ? scores[p] : top;
-        for (p = 0; p + 16 <= length; p += 16) {
-            v16 e = exp16(load_f32(scores + p) - splat(top));
-            memcpy(scores + p, &e, sizeof e);
-            total += hsum(e);
-        }
-        for (; p < length; p++) total += scores[p] = expf(scores[p] - top);
-        v16 o[DH / 16];
-        for (int c = 0; c < DH / 16; c++) o[c] = splat(0.0f);
-        for (p = 0; p < length; p++) {
-            v16 w = splat(scores[p]);
-            for (int c = 0; c < DH / 16; c++) o[c] += w * load_kv(l->values, head + at[p] + 16 * c, KV);
-        }
-        for (int c = 0; c < DH / 16; c++) {
-            v16 oc = o[c] * splat(1.0f / total);
-            memcpy(out + (int64_t)h * DH + 16 * c, &oc, sizeof oc);
+    for (int h0 = g * R, left = R; left > 0;) {
+        if (left >= 4) {
+            attend_pass(m, l, q, at, length, g, h0, out, scores, 4, DH, KV);
+            h0 += 4, left -= 4;
+        } else if (left >= 2) {
+            attend_pass(m, l, q, at, length, g, h0, out, scores, 2, DH, KV);
+            h0 += 2, left -= 2;
+        } else {
+            attend_pass(m, l, q, at, length, g, h0, out, scores, 1, DH, KV);
+            h0 += 1, left -= 1;
         }
     }
 }
@@ -464,7 +504,7 @@ int mmx_decode_rows(const dm_model *m, int N, const int64_t *tokens, const int64
     size_t shared = (size_t)N * (7 * QD + 3 * KD + 2 * D + E + (size_t)K * I + 2 * rd); /* + lightning's qkv, gate */
     float *buf = malloc(sizeof(float) * shared);
     /* h, h2, scores, then the positions' offsets (int64, 8-byte aligned: every count here is even) */
-    size_t each = (size_t)2 * N * D + (size_t)N * QD + 2 * ((longest + 1) / 2) + 2 * longest; /* + z */
+    size_t each = (size_t)2 * N * D + (size_t)N * QD + 4 * longest + 2 * longest; /* + z; scores of 4 heads */
     float *per_thread = malloc(sizeof(float) * each * threads);
     if (!buf || !per_thread) {
         free(buf);
@@ -488,7 +528,7 @@ int mmx_decode_rows(const dm_model *m, int N, const int64_t *tokens, const int64
     {
         int tid = omp_get_thread_num(), nt = omp_get_num_threads();
         float *h = per_thread + each * tid, *h2 = h + (size_t)N * D, *z = h2 + (size_t)N * D, *scores = z + (size_t)N * QD;
-        int64_t *offsets = (int64_t *)(scores + 2 * ((longest + 1) / 2));
+        int64_t *offsets = (int64_t *)(scores + 4 * longest);
         int ids[N * K], start[E + 1], pair[N * K];
         float mix[N * K];
         int r0, r1;
