@@ -42,7 +42,7 @@ def _step_inputs(n: int, blocks: int) -> tuple[torch.Tensor, ...]:
 
 
 @needs_compiler
-@pytest.mark.parametrize("preset", ["tiny-m1", "tiny-m2"])
+@pytest.mark.parametrize("preset", [pytest.param("tiny-m1", marks=pytest.mark.slow), "tiny-m2"])  # M1's: ~50 s to build
 def test_aot_step_reads_the_engines_weights_in_place(preset):
     """Logits and cache writes of each kind of graph as the eager step's, over random cache contents, before and
     after the weights change in place (an RL weight sync): the library reads the engine's tensors, small ones

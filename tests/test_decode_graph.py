@@ -89,9 +89,18 @@ def _assert_same(expected: dict, actual: dict, tolerance: float) -> None:
         assert gap <= tolerance, f"{key}: log-probs differ by {gap:.2e}"
 
 
+# Decode graphs are compiled only for batches past the native step's (mmx.engine.native_step); the M1 graphs ahead of
+# time and the int8 experts' ahead of time cost ~50 s each to build, so they run with the slow tests.
 @needs_compiler
-@pytest.mark.parametrize("compiler", ["inductor", "aot"])
-@pytest.mark.parametrize("preset", ["tiny-m1", "tiny-m2"])
+@pytest.mark.parametrize(
+    "preset, compiler",
+    [
+        ("tiny-m1", "inductor"),
+        pytest.param("tiny-m1", "aot", marks=pytest.mark.slow),
+        ("tiny-m2", "inductor"),
+        ("tiny-m2", "aot"),
+    ],
+)
 def test_compiled_decode_equals_eager(preset, compiler):
     """Staggered traffic whose decode batches hold one, a few and more than FEW_ROWS sequences, with chunked
     prefill and a cache small enough to preempt: tokens and log-probs as the eager engine's, with graphs compiled
@@ -261,8 +270,15 @@ def test_few_rows_over_large_weights_take_the_blas(monkeypatch, quantization):
 
 
 @needs_compiler
-@pytest.mark.parametrize("compiler", ["inductor", "aot"])
-@pytest.mark.parametrize("quantization", [None, "experts_int8"])
+@pytest.mark.parametrize(
+    "quantization, compiler",
+    [
+        (None, "inductor"),
+        (None, "aot"),
+        ("experts_int8", "inductor"),
+        pytest.param("experts_int8", "aot", marks=pytest.mark.slow),
+    ],
+)
 def test_decode_graphs_group_their_experts(monkeypatch, compiler, quantization):
     """2 to FEW_ROWS sequences, and one with float32 experts: the "few" (and "one") graphs run each layer's experts
     (and the few graph its dense products) in the grouped kernel (mmx.ops.expert_rows, each expert's weights read once for all its tokens; counted at
