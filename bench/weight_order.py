@@ -1,9 +1,10 @@
 """How fast one sequence's products read their weights, by the order the 16 rows of a block are walked: side by side
 (the 16 rows' first 16 floats, then their next 16, ...: 16 streams a row apart) or in order (each row to its end,
 then the next: one stream). Weights far larger than the caches, float32 and int8, rows of 256 and 512 columns, as
-mmx/ops/decode_rows.c's one-sequence products read them; GB/s of weights, best of a few passes.
+the one-sequence products read them; GB/s of weights, best of a few passes.
 
-A small C program built with the kernels' own flags and vector helpers (mmx/ops/rows.h) in a temporary folder.
+A small C program in a temporary folder, built with the kernels' flags around mmx/ops/decode_rows.c's own row
+products (its DEFINE_ROWS, instantiated in both orders).
 """
 
 from __future__ import annotations
@@ -13,11 +14,13 @@ import os
 import subprocess
 import tempfile
 
+from mmx.ops.expert_rows import FLAGS  # the kernels' own compiler flags
+
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 
 PROGRAM = r"""
-#include "rows.h"
-#include <omp.h>
+/* the kernels' own row products (DEFINE_ROWS), instantiated here in both orders */
+#include "decode_rows.c"
 #include <stdio.h>
 #include <time.h>
 
@@ -27,33 +30,10 @@ static double now(void) {
     return t.tv_sec + t.tv_nsec * 1e-9;
 }
 
-#define DEFINE(NAME, WTYPE, LOAD)                                                                                     \
-    static void NAME(const WTYPE *w, const float *x, float *out, int r0, int r1, int n, int in_order) {              \
-        for (int r = r0; r + 16 <= r1; r += 16) {                                                                     \
-            const WTYPE *wr = w + (int64_t)r * n;                                                                     \
-            v16 acc[16] = {0};                                                                                        \
-            if (in_order) {                                                                                           \
-                for (int k = 0; k < 16; k++) {                                                                        \
-                    const WTYPE *row = wr + (int64_t)k * n;                                                           \
-                    v16 a = {0}, b = {0};                                                                             \
-                    for (int d = 0; d < n; d += 32) {                                                                 \
-                        a += load_f32(x + d) * LOAD(row + d);                                                         \
-                        b += load_f32(x + d + 16) * LOAD(row + d + 16);                                               \
-                    }                                                                                                 \
-                    acc[k] = a + b;                                                                                   \
-                }                                                                                                     \
-            } else {                                                                                                  \
-                for (int d = 0; d < n; d += 16) {                                                                     \
-                    v16 xv = load_f32(x + d);                                                                         \
-                    for (int k = 0; k < 16; k++) acc[k] += xv * LOAD(wr + (int64_t)k * n + d);                        \
-                }                                                                                                     \
-            }                                                                                                         \
-            v16 s = sums16(acc);                                                                                      \
-            memcpy(out + r, &s, sizeof s);                                                                            \
-        }                                                                                                             \
-    }
-DEFINE(rows_f32, float, load_f32)
-DEFINE(rows_i8, int8_t, load_i8)
+DEFINE_ROWS(f32_side_by_side, float, load_f32, block_f32, 0)
+DEFINE_ROWS(f32_in_order, float, load_f32, block_f32, 1)
+DEFINE_ROWS(i8_side_by_side, int8_t, load_i8, block_i8, 0)
+DEFINE_ROWS(i8_in_order, int8_t, load_i8, block_i8, 1)
 
 int main(int argc, char **argv) {
     int n = atoi(argv[1]), threads = atoi(argv[2]), int8 = atoi(argv[3]), passes = atoi(argv[4]);
@@ -73,8 +53,10 @@ int main(int argc, char **argv) {
             {
                 int tid = omp_get_thread_num();
                 int r0 = (int)(rows / 16 * tid / threads * 16), r1 = (int)(rows / 16 * (tid + 1) / threads * 16);
-                if (int8) rows_i8((const int8_t *)w, x, out, r0, r1, n, in_order);
-                else rows_f32((const float *)w, x, out, r0, r1, n, in_order);
+                const int8_t *w8 = (const int8_t *)w;
+                const float *w32 = (const float *)w;
+                if (int8) (in_order ? i8_in_order : i8_side_by_side)(w8, x, out + r0, r0, r1, n);
+                else (in_order ? f32_in_order : f32_side_by_side)(w32, x, out + r0, r0, r1, n);
             }
             t = now() - t;
             best = t < best ? t : best;
@@ -97,8 +79,7 @@ def main() -> None:
         source, binary = os.path.join(folder, "order.c"), os.path.join(folder, "order")
         with open(source, "w") as f:
             f.write(PROGRAM)
-        flags = ["-O3", "-march=native", "-fopenmp"]
-        subprocess.run(["gcc", *flags, f"-I{ROOT}/mmx/ops", source, "-o", binary, "-lm"], check=True)
+        subprocess.run(["gcc", *FLAGS, f"-I{ROOT}/mmx/ops", source, "-o", binary, "-lm"], check=True)
         print("| weights | columns | side by side (GB/s) | in order (GB/s) | in order / side by side |")
         print("|---|---|---|---|---|")
         for int8 in (0, 1):

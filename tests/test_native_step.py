@@ -1,4 +1,4 @@
-"""The one-sequence decode step in C (mmx.engine.native_step, mmx/ops/decode_one.c): the same tokens and log-probs
+"""The decode step in C (mmx.engine.native_step, mmx/ops/decode_rows.c): the same tokens and log-probs
 as the eager engine on M2-style models (float32, a tied head and one K/V head, M1-style softmax layers with post-norm
 and a softmax router) and as the compiled graph with int8 weights, through block tables that span many blocks and
 share a prefix; the same bits on one thread as on two; and models it cannot take keep the compiled graphs."""

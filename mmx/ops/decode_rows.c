@@ -69,10 +69,10 @@ static inline float hsum(v16 a) {
 
 /* out[r - r0] = w[r] . x for rows r in [r0, r1): 16 rows at a time (16 accumulators, the transposing sum), then 4,
  * then one. IN_ORDER reads the 16 rows one after the other, in address order, two accumulators a row: float32 weights
- * stream from memory, and walking 16 rows side by side (16 streams 1-2 KB apart) read them at ~21 GB/s on a 2-core
- * AMD EPYC (Zen 4) where reading in order reached 30-38. int8 weights are a quarter of the bytes and their widening
- * is the work: side by side (16 independent chains) is faster for them (docs/benchmarks.md, "Weights read in address
- * order"). */
+ * stream from memory, and walking 16 rows side by side (16 streams 1-2 KB apart) read them at 27-39 GB/s on a 2-core
+ * AMD EPYC (Zen 4) where reading in order reached 39-48. int8 rows sit in the L3 at these models' sizes and their
+ * widening is the work: side by side (16 independent chains) made the step faster for them (docs/benchmarks.md,
+ * "Weights read in address order"; bench/weight_order.py). */
 #define DEFINE_ROWS(NAME, WTYPE, LOAD, BLOCK, IN_ORDER)                                                               \
     static void NAME(const WTYPE *w, const float *x, float *out, int r0, int r1, int n) {                             \
         int r = r0;                                                                                                   \
@@ -254,7 +254,8 @@ static inline __attribute__((always_inline)) void attend_pass(const dm_model *m,
     for (; p < length; p++)
         for (int h = 0; h < HB; h++) {
             v16 acc = {0};
-            for (int d = 0; d < DH; d += 16) acc += load_f32(qh + (int64_t)h * DH + d) * load_kv(l->keys, head + at[p] + d, KV);
+            for (int d = 0; d < DH; d += 16)
+                acc += load_f32(qh + (int64_t)h * DH + d) * load_kv(l->keys, head + at[p] + d, KV);
             scores[h * length + p] = hsum(acc) * m->attn_scale;
         }
     float scale[HB];
