@@ -77,6 +77,30 @@ def test_engine_greedy_equals_full_recompute(preset, long_context, monkeypatch):
     assert engine.cache.num_free_slots == engine.cache.layout.num_slots
 
 
+@pytest.mark.parametrize("preset", ["tiny-m1", "tiny-m2"])
+def test_prompts_of_one_length_prefilled_together_equal_recompute(preset, monkeypatch):
+    """Fresh prompts of the same length side by side in one prefill attend in one batched causal call (runs of 4
+    and 3, split by a prompt of another length); every output equals full-recompute greedy."""
+    import mmx.engine.paged_batch as paged_batch
+
+    runs = []
+    batched = paged_batch._same_length_causal
+    monkeypatch.setattr(
+        paged_batch,
+        "_same_length_causal",
+        lambda q, k, v, count, scale: runs.append(count) or batched(q, k, v, count, scale),
+    )
+    model = tiny_model(preset)
+    gen = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 512, (n,), generator=gen).tolist() for n in (9, 9, 9, 9, 5, 9, 9, 9)]
+    outs = LLM(model, max_model_len=64, block_size=4).generate(
+        prompts, SamplingParams(temperature=0, max_tokens=6, ignore_eos=True), use_tqdm=False
+    )
+    assert sorted(set(runs)) == [3, 4]
+    for prompt, out in zip(prompts, outs):
+        assert out.token_ids == greedy_generate_recompute(model, torch.tensor([prompt]), 6)[0].tolist()
+
+
 def test_seeded_sampling_is_independent_of_the_batch():
     model = tiny_model("tiny-m1")
     prompt = list(range(10, 30))
@@ -405,6 +429,47 @@ def test_default_cache_fits_the_engine_and_costs_memory_only_as_used():
     assert reserved > 500 and grown < 50, (reserved, grown)
     run(engine)
     assert _rss_mb() - before < 50
+
+
+def test_an_idle_server_engine_gives_the_heaps_free_memory_back(monkeypatch):
+    """After a burst the engine thread trims the malloc heap once when it goes idle (the prefills' activations),
+    and not again while it stays idle."""
+    import mmx.engine.async_engine as async_engine
+
+    trims = []
+    monkeypatch.setattr(async_engine, "release_free_memory", lambda collect=True: trims.append(collect))
+    engine = AsyncLLM(LLMEngine(tiny_model("tiny-m2"), max_model_len=64))
+
+    async def one():
+        async for out in engine.generate([1, 2, 3], SamplingParams(max_tokens=4, ignore_eos=True)):
+            last = out
+        return last
+
+    try:
+        assert asyncio.run(one()).finished
+        for _ in range(100):
+            if trims:
+                break
+            time.sleep(0.01)
+        time.sleep(0.6)  # past the idle loop's next wake-up
+        assert trims == [False]  # no garbage collection pass: it would stall the next request
+    finally:
+        engine.shutdown()
+
+
+def test_loading_a_model_leaves_sympy_unimported(tmp_path):
+    """Materialising a checkpoint's model must not pull in torch's symbolic shapes (sympy, ~40 MB resident in every
+    server); a fresh interpreter loads a saved tiny model and checks."""
+    import subprocess
+    import sys
+
+    tiny_model("tiny-m2").save_pretrained(str(tmp_path))
+    code = (
+        "import sys; from mmx.model.weights import load_model; "
+        f"load_model({str(tmp_path)!r}, dtype='float32'); print('sympy' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stderr
 
 
 @pytest.mark.parametrize("preset", ["tiny-m1", "tiny-m2"])

@@ -51,6 +51,7 @@ M2_SHAPED = dict(
     num_local_experts=16,
     num_experts_per_tok=8,
 )
+ODD_HIDDEN = {"hidden_size": 48, "intermediate_size": 80}  # an odd number of 16s: a last down panel of 16
 M1_STYLE = dict(layer_types=["full_attention"] * 2, num_hidden_layers=2, use_qk_norm=False, scoring_func="softmax")
 
 
@@ -62,6 +63,7 @@ M1_STYLE = dict(layer_types=["full_attention"] * 2, num_hidden_layers=2, use_qk_
         pytest.param("tiny-m2", {}, "experts_int8", marks=needs_compiler),
         ("tiny-m2", {"tie_word_embeddings": True, "num_key_value_heads": 1}, None),
         ("tiny-m2", {"head_dim": 64, "rotary_dim": 32}, None),  # the kernel's copies for head sizes 64 and 128
+        ("tiny-m2", ODD_HIDDEN, None),
         ("tiny-m2", M2_SHAPED, None),
         pytest.param("tiny-m2", M2_SHAPED, "int8", marks=needs_compiler),
         ("tiny-m1", M1_STYLE, None),  # post-norm residuals with alpha/beta, no QK-norm, softmax router
@@ -93,7 +95,15 @@ def test_native_steps_equal_eager(monkeypatch, preset, overrides, quantization):
         assert max(abs(a - b) for a, b in zip(logprobs, got_logprobs)) < 2e-4
 
 
-@pytest.mark.parametrize("preset, overrides", [("tiny-m2", {}), ("tiny-m1", M1_STYLE), ("tiny-m1", {})])
+@pytest.mark.parametrize(
+    "preset, overrides",
+    [
+        ("tiny-m2", {}),
+        ("tiny-m2", {"hidden_size": 48, "intermediate_size": 80}),
+        ("tiny-m1", M1_STYLE),
+        ("tiny-m1", {}),
+    ],
+)
 def test_native_steps_of_many_sequences_equal_eager(preset, overrides):
     """Staggered traffic (one sequence, a few, more than FEW_ROWS; chunked prefill, a cache small enough to preempt):
     every decode step runs natively, with the same tokens and log-probs as the eager engine."""
@@ -106,21 +116,64 @@ def test_native_steps_of_many_sequences_equal_eager(preset, overrides):
     _assert_same(expected, actual, 2e-4)
 
 
+@pytest.mark.parametrize("quantization, overrides", [(None, {}), ("experts_int8", ODD_HIDDEN)])
+def test_native_steps_read_weights_in_place_without_the_panel_copy(monkeypatch, quantization, overrides):
+    """MMX_WEIGHT_PANELS=0 (as for weights too large to copy): the kernel reads the model's own layout, for
+    one sequence and many, with the tokens and log-probs of the eager engine (float32) or of the native step over
+    the panels (int8, whose eager products round differently); a value other than 0 or 1 is refused. The two sum in
+    different orders (~1e-6 apart), which can flip a near-tie between two experts' router scores once in a while;
+    such a step moves its sequence's log-probs by up to ~4e-4 (one in the 22 sequences of the int8 case)."""
+    monkeypatch.setenv("MMX_WEIGHT_PANELS", "0")
+    native = LLMEngine(
+        tiny_model("tiny-m2", **overrides), enforce_eager=False, quantization=quantization, **GRAPH_SETTINGS
+    )
+    assert native.decode_graph.native is not None and native.decode_graph.native.panels is None
+    monkeypatch.setenv("MMX_WEIGHT_PANELS", "1")
+    reference = LLMEngine(
+        tiny_model("tiny-m2", **overrides),
+        enforce_eager=quantization is None,
+        quantization=quantization,
+        **GRAPH_SETTINGS,
+    )
+    if quantization:
+        assert reference.decode_graph.native.panels is not None
+    traffic = _traffic(native.config.vocab_size)
+    expected, actual = _run(reference, traffic, {}), _run(native, traffic, {})
+    _assert_same(expected, actual, 1e-3)
+    gaps = sorted(max(abs(a - b) for a, b in zip(expected[k][1], actual[k][1])) for k in expected)
+    assert gaps[len(gaps) * 9 // 10] < 1e-5
+    assert native.decode_graph.native.steps > 0
+    monkeypatch.setenv("MMX_WEIGHT_PANELS", "yes")
+    with pytest.raises(ValueError, match="MMX_WEIGHT_PANELS='yes'"):
+        LLMEngine(tiny_model("tiny-m2"), enforce_eager=False, **GRAPH_SETTINGS)
+
+
 def test_native_steps_read_weights_updated_in_place():
-    """An RL weight sync copies new values into the engine's tensors: the next native steps compute with them."""
-    prompts = _prompts(512)[:1]
+    """An RL weight sync copies new values into the engine's tensors: the next native steps compute with them. The
+    panel copy follows in-place changes by the tensors' versions; changes through ``.data`` (which torch does not
+    count) once reset_prefix_cache says the weights changed."""
+    prompts = _prompts(512)
     engines = [LLMEngine(tiny_model("tiny-m2"), enforce_eager=eager, **SETTINGS) for eager in (True, False)]
-    before = _generate(engines[1], prompts)
+    before = _generate(engines[1], prompts[2:])
+
+    def same(expected, actual):
+        assert actual[0][0] == expected[0][0]
+        assert max(abs(a - b) for a, b in zip(expected[0][1], actual[0][1])) < 2e-4
+
     for engine in engines:
         with torch.no_grad():
             engine.model.model.layers[0].self_attn.q_proj.weight.mul_(3.0)
             engine.model.model.layers[1].mlp.experts.down_proj.add_(0.05)
             engine.model.lm_head.weight.mul_(-1.0)
+    after = [_generate(engine, [[7, 8, 9, 10]]) for engine in engines]  # no cached prefix to go stale
+    same(*after)
+    for engine in engines:
+        engine.model.model.layers[1].mlp.experts.gate_up_proj.data.mul_(2.0)
+        engine.model.model.layers[0].self_attn.o_proj.weight.data.mul_(-1.0)
         engine.reset_prefix_cache()
-    expected, actual = _generate(engines[0], prompts), _generate(engines[1], prompts)
+    expected, actual = _generate(engines[0], prompts[2:]), _generate(engines[1], prompts[2:])
     assert actual[0][0] != before[0][0]
-    assert actual[0][0] == expected[0][0]
-    assert max(abs(a - b) for a, b in zip(expected[0][1], actual[0][1])) < 2e-4
+    same(expected, actual)
 
 
 def test_native_step_refuses_a_table_without_the_position_block():

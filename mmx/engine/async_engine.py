@@ -25,6 +25,7 @@ from mmx.engine.llm_engine import LLMEngine, RequestFailed
 from mmx.engine.outputs import CompletionOutput, RequestOutput
 from mmx.engine.sampling_params import RequestOutputKind, SamplingParams
 from mmx.utils.logging import get_logger
+from mmx.utils.memory import release_free_memory
 
 logger = get_logger(__name__)
 
@@ -76,6 +77,7 @@ class AsyncLLM:
     def __init__(self, engine: LLMEngine):
         self.engine = engine
         self.stats = EngineStats()
+        self._trimmed_at = 0  # steps_total when the heap was last trimmed
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         # a step's deliveries per event loop, handed over together when the step is done
@@ -213,6 +215,12 @@ class AsyncLLM:
         self.stats.waiting = len(self.engine.scheduler.waiting)
         if not self.engine.has_unfinished_requests():
             self._hand_over()  # refusals of the requests just added, before the wait
+            if self._trimmed_at != self.stats.steps_total:
+                # Idle after work: give the heap's free memory back (the activations of the last prefills, tens of
+                # MB that the raised trim threshold keeps for reuse), so that resident memory follows what is in
+                # use. ~1 ms; the next burst faults its pages back in (docs/benchmarks.md, "Memory when idle").
+                self._trimmed_at = self.stats.steps_total
+                release_free_memory(collect=False)
             self._wake.wait(timeout=0.5)
             self._wake.clear()
             return

@@ -333,9 +333,13 @@ class LLMEngine:
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached prefix. Call it after changing the model's weights in place (an RL step): the cache
-        holds what the old weights computed. Requests running now keep their own cache."""
+        holds what the old weights computed. Requests running now keep their own cache. The native decode step's
+        copy of the weights is repacked too (it follows in-place changes by itself, but not writes through
+        ``tensor.data``, which torch does not count)."""
         if self.prefix_cache is not None:
             self.prefix_cache.reset()
+        if self.decode_graph is not None and self.decode_graph.native is not None:
+            self.decode_graph.native.refresh_weights(force=True)
 
     def warm_up(self) -> None:
         """Build oneDNN's kernels for the model's products and compile the decode graphs now (a server does this

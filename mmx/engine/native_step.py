@@ -4,10 +4,14 @@ MiniMax models on the CPU: M2's softmax layers, M1's lightning and softmax layer
 A decode step streams the weights once, and for few sequences what it costs beyond that is overhead: a compiled
 graph of the step runs ~27 OpenMP regions or barriers a layer, and at one sequence its dot products keep one
 accumulator chain per output row, which int8 weights (widened as they are read) cannot feed at the core's speed.
-The C step runs the whole forward in one parallel region with 6 barriers a layer: 16 weight rows at a time for one
-sequence, blocks of 4 weight rows by 4 sequences for more, each chosen expert read once for all its tokens. It
-reads the model's tensors and the cache's K/V pools in place through pointers taken once: the engine's model keeps
-its tensors for its lifetime (an RL weight sync copies values into them), as the compiled graphs also assume.
+The C step runs the whole forward in one parallel region with 6 barriers a layer, each chosen expert read once for
+all its tokens. It reads a copy of the weights repacked into panels (:func:`dense_panels`, :func:`gate_up_panels`,
+:func:`down_panels`), each weight vector multiplied by up to 8 sequences as it streams in: 0.52-0.85x the step time
+of reading the model's own layout (docs/benchmarks.md, "Weights in panels"), for the weights' size again in memory.
+Where that copy would take more than PANEL_COPY_SHARE of the RAM (or with ``MMX_WEIGHT_PANELS=0``) it reads the
+model's tensors in place. A panel copy is repacked whenever its tensor changes in place (an RL weight sync, an
+optimizer step), which torch counts in the tensor's version; the K/V pools are read in place through pointers taken
+once, as the engine's model and cache keep their tensors for their lifetime.
 
 Taken when :func:`build` finds every piece it knows: float32 (or int8-quantised) decoder weights on the CPU, K/V in
 float32, bfloat16 or float16, float32 lightning states, SiLU activations, sizes that are multiples of 16, and the
@@ -47,6 +51,7 @@ class _Matrix(ctypes.Structure):
         ("weight", ctypes.c_void_p),
         ("scale", ctypes.c_void_p),
         ("scale_bf16", ctypes.c_int32),
+        ("panels", ctypes.c_int32),
     ]
 
 
@@ -114,18 +119,81 @@ def _float32(t: torch.Tensor | None, what: str, optional: bool = False) -> torch
     return t
 
 
-def _matrix(module: torch.nn.Module, what: str, keep: list[torch.Tensor]) -> _Matrix:
-    """A linear map as the kernel reads it: a float32 Linear without bias, or an int8 one with its row scales."""
+# The panel copy costs the weights' size again in memory: made while it stays under this share of the machine's
+# RAM, or as MMX_WEIGHT_PANELS says ("1": always, "0": never; the model's layout is then read in place).
+PANEL_COPY_SHARE = 0.25
+
+
+def copies_weights(model: torch.nn.Module) -> bool:
+    """Whether the native step reads the weights from a panel copy (:data:`PANEL_COPY_SHARE`)."""
+    setting = os.environ.get("MMX_WEIGHT_PANELS", "")
+    if setting in ("0", "1"):
+        return setting == "1"
+    if setting:
+        raise ValueError(f"MMX_WEIGHT_PANELS={setting!r}: expected 0 or 1")
+    size = sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    return size <= PANEL_COPY_SHARE * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def dense_panels(weight: torch.Tensor) -> torch.Tensor:
+    """[rows, cols] as the C step reads it: panels of 16 rows, each [cols][16] (the last one padded with zero rows)."""
+    rows, cols = weight.shape
+    padded = torch.nn.functional.pad(weight, (0, 0, 0, -rows % 16))
+    return padded.view(-1, 16, cols).transpose(1, 2).contiguous()
+
+
+def gate_up_panels(weight: torch.Tensor) -> torch.Tensor:
+    """[experts, 2 * inner, hidden] (gate rows, then up rows) as the C step reads them: panel p of an expert holds
+    features 16p .. 16p + 15, a row per input column: their 16 gate weights, then their 16 up weights."""
+    experts, rows, hidden = weight.shape
+    return weight.view(experts, 2, rows // 32, 16, hidden).permute(0, 2, 4, 1, 3).contiguous()
+
+
+def down_panels(weight: torch.Tensor) -> torch.Tensor:
+    """[experts, hidden, inner] as the C step reads them: panel p of an expert holds outputs 32p .. 32p + 31, a row
+    per input column; where hidden is an odd number of 16s, the last panel holds 16."""
+    experts, hidden, inner = weight.shape
+    full = hidden // 32 * 32
+    parts = [weight[:, :full].reshape(experts, full // 32, 32, inner).transpose(2, 3).reshape(experts, -1)]
+    if full < hidden:
+        parts.append(weight[:, full:].transpose(1, 2).reshape(experts, -1))
+    return torch.cat(parts, 1).contiguous()
+
+
+class _Panels:
+    """A weight repacked for the C step, and repacked again whenever the model's tensor changes in place (an RL weight
+    sync, an optimizer step on the rollout model), which torch counts in the tensor's version."""
+
+    def __init__(self, source: torch.Tensor, pack):
+        self.source, self.pack = source, pack
+        self.version = source._version
+        self.panels = pack(source)
+
+    def refresh(self, force: bool = False) -> None:
+        if force or self.source._version != self.version:
+            self.panels.copy_(self.pack(self.source))
+            self.version = self.source._version
+
+
+def _matrix(module: torch.nn.Module, what: str, keep: list[torch.Tensor], panels: list[_Panels] | None) -> _Matrix:
+    """A linear map as the kernel reads it: a float32 Linear without bias, or an int8 one with its row scales; in
+    panels (:func:`dense_panels`) where ``panels`` collects them, else read in place."""
     if type(module) is Linear and module.bias is None:
         weight, scale = _float32(module.weight, what), None
     elif type(module) is Int8Linear:
         weight, scale = module.qweight, module.weight_scale
     else:
         raise _Unsupported(f"{what} is a {type(module).__name__}")
-    return _weights(weight, scale, what, keep)
+    if panels is None:
+        return _weights(weight, scale, what, keep)
+    panels.append(_Panels(weight, dense_panels))
+    return _weights(panels[-1].panels, scale, what, keep, rows=weight.shape[0])
 
 
-def _weights(weight: torch.Tensor, scale: torch.Tensor | None, what: str, keep: list[torch.Tensor]) -> _Matrix:
+def _weights(
+    weight: torch.Tensor, scale: torch.Tensor | None, what: str, keep: list[torch.Tensor], rows: int | None = None
+) -> _Matrix:
+    """``rows``: the matrix's rows where ``weight`` is its panels (one scale per row)."""
     if scale is not None:
         if (
             weight.dtype != torch.int8
@@ -133,26 +201,46 @@ def _weights(weight: torch.Tensor, scale: torch.Tensor | None, what: str, keep: 
             or scale.dtype not in (torch.float32, torch.bfloat16)
         ):
             raise _Unsupported(f"{what}: int8 weights with float32 or bfloat16 scales expected")
-        if not scale.is_contiguous() or scale.numel() != weight.numel() // weight.shape[-1]:
+        if not scale.is_contiguous() or scale.numel() != (rows or weight.numel() // weight.shape[-1]):
             raise _Unsupported(f"{what}: one contiguous scale per row expected")
     keep.extend(t for t in (weight, scale) if t is not None)
     return _Matrix(
         weight.data_ptr(),
         None if scale is None else scale.data_ptr(),
         int(scale is not None and scale.dtype == torch.bfloat16),
+        int(rows is not None),
     )
 
 
-def _experts(experts: torch.nn.Module, keep: list[torch.Tensor]) -> tuple[_Matrix, _Matrix]:
+def _expert_weights(
+    experts: torch.nn.Module,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
+    """gate_up, its row scales, down, its row scales (None for float32)."""
     if experts.act_name != "silu":
         raise _Unsupported(f"experts with {experts.act_name!r} (SiLU only)")
     if type(experts) is Experts:
-        gate_up, down = _float32(experts.gate_up_proj, "experts"), _float32(experts.down_proj, "experts")
-        return _weights(gate_up, None, "gate_up", keep), _weights(down, None, "down", keep)
+        return _float32(experts.gate_up_proj, "experts"), None, _float32(experts.down_proj, "experts"), None
     if type(experts) is Int8Experts:
-        gate_up = _weights(experts.gate_up_qweight, experts.gate_up_scale, "gate_up", keep)
-        return gate_up, _weights(experts.down_qweight, experts.down_scale, "down", keep)
+        return experts.gate_up_qweight, experts.gate_up_scale, experts.down_qweight, experts.down_scale
     raise _Unsupported(f"experts of type {type(experts).__name__}")
+
+
+def _experts(
+    weights: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None],
+    keep: list[torch.Tensor],
+    panels: list[_Panels] | None,
+) -> tuple[_Matrix, _Matrix]:
+    """The experts' two matrices: as panels (:func:`gate_up_panels`, :func:`down_panels`; a copy, since the model
+    keeps its own layout for prefill and training) where ``panels`` collects them, else read in place."""
+    gate_up, gate_up_scale, down, down_scale = weights
+    if panels is None:
+        return _weights(gate_up, gate_up_scale, "gate_up", keep), _weights(down, down_scale, "down", keep)
+    packed = _Panels(gate_up, gate_up_panels), _Panels(down, down_panels)
+    panels.extend(packed)
+    return (
+        _weights(packed[0].panels, gate_up_scale, "gate_up", keep, rows=gate_up.shape[0] * gate_up.shape[1]),
+        _weights(packed[1].panels, down_scale, "down", keep, rows=down.shape[0] * down.shape[1]),
+    )
 
 
 def _norm(module: torch.nn.Module | None, what: str, keep: list[torch.Tensor]) -> int | None:
@@ -174,7 +262,9 @@ def _pool(t: torch.Tensor, what: str) -> torch.Tensor:
     return t
 
 
-def _lightning(attn: torch.nn.Module, states: torch.Tensor, keep: list[torch.Tensor]) -> dict:
+def _lightning(
+    attn: torch.nn.Module, states: torch.Tensor, keep: list[torch.Tensor], panels: list[_Panels] | None
+) -> dict:
     """A lightning layer's fields: its projections, norm, decay rates and state pool."""
     if type(attn) is not LightningAttention:
         raise _Unsupported(f"a lightning layer of type {type(attn).__name__}")
@@ -182,9 +272,9 @@ def _lightning(attn: torch.nn.Module, states: torch.Tensor, keep: list[torch.Ten
     keep.extend((_float32(rates, "the decay rates"), _float32(states, "the lightning state pool")))
     return dict(
         lightning=1,
-        o=_matrix(attn.out_proj, "out_proj", keep),
-        qkv=_matrix(attn.qkv_proj, "qkv_proj", keep),
-        gate=_matrix(attn.output_gate, "output_gate", keep),
+        o=_matrix(attn.out_proj, "out_proj", keep, panels),
+        qkv=_matrix(attn.qkv_proj, "qkv_proj", keep, panels),
+        gate=_matrix(attn.output_gate, "output_gate", keep, panels),
         lightning_norm=_norm(attn.norm, "the lightning norm", keep),
         rates=rates.data_ptr(),
         states=states.data_ptr(),
@@ -200,6 +290,8 @@ class NativeStep:
         config = model.config
         self.keep: list[torch.Tensor] = []  # every tensor the structs point into, alive as long as they are
         keep = self.keep
+        self.panels: list[_Panels] | None = [] if copies_weights(model) else None  # the weights' panel copies
+        panels = self.panels
         if model.device.type != "cpu":
             raise _Unsupported(f"the model is on {model.device}")
         d, dh, inner = config.hidden_size, config.head_dim, config.intermediate_size
@@ -210,7 +302,7 @@ class NativeStep:
         layers = []
         for i, layer in enumerate(model.model.layers):
             attn, mlp = layer.self_attn, layer.mlp
-            gate_up, down = _experts(mlp.experts, keep)
+            gate_up, down = _experts(_expert_weights(mlp.experts), keep, panels)
             bias = _float32(mlp.e_score_correction_bias, "the routing bias", optional=True)
             keep.extend(t for t in (bias, _float32(mlp.gate.weight, "the router")) if t is not None)
             fields = dict(
@@ -226,13 +318,13 @@ class NativeStep:
                 mlp_beta=layer.mlp_beta,
             )
             if config.is_lightning(i):
-                fields.update(_lightning(attn, cache.states[i], keep))
+                fields.update(_lightning(attn, cache.states[i], keep, panels))
             else:
                 keys, values = _pool(cache.keys[i], "K"), _pool(cache.values[i], "V")
                 keep.extend((keys, values))
                 fields.update(
                     {f"{p}_norm": _norm(getattr(attn, f"{p}_norm"), f"{p}_norm", keep) for p in "qk"},
-                    **{p: _matrix(getattr(attn, f"{p}_proj"), f"{p}_proj", keep) for p in "qkvo"},
+                    **{p: _matrix(getattr(attn, f"{p}_proj"), f"{p}_proj", keep, panels) for p in "qkvo"},
                     keys=keys.data_ptr(),
                     values=values.data_ptr(),
                 )
@@ -261,7 +353,7 @@ class NativeStep:
             dh**-0.5,
             embed.data_ptr(),
             _norm(model.model.norm, "the final norm", keep),
-            _matrix(model.lm_head, "lm_head", keep),
+            _matrix(model.lm_head, "lm_head", keep, panels),
             inv_freq.data_ptr(),
             self._layers,
         )
@@ -274,9 +366,15 @@ class NativeStep:
         self.block_size = cache.block_size
         self.steps = 0  # decode steps taken (of any number of sequences)
 
+    def refresh_weights(self, force: bool = False) -> None:
+        """Repack the panels whose model tensor changed in place since they were packed (all of them: ``force``)."""
+        for panels in self.panels or ():
+            panels.refresh(force)
+
     def __call__(self, seqs: list[Sequence]) -> torch.Tensor:
         """Logits [len(seqs), vocab] of each sequence's next token; each feeds its token at num_computed_tokens."""
         n, bs = len(seqs), self.block_size
+        self.refresh_weights()
         starts = [seq.num_computed_tokens for seq in seqs]
         rows = [seq.block_table[: a // bs + 1] for seq, a in zip(seqs, starts)]
         for seq, a, row in zip(seqs, starts, rows):
@@ -322,5 +420,9 @@ def build(model: MiniMaxForCausalLM, cache: HybridCache) -> NativeStep | None:
     except _Unsupported as e:
         logger.info("decode steps run compiled graphs (the native step does not take %s)", e)
         return None
-    logger.info("decode steps of up to %d sequences run natively (mmx_decode_rows)", NATIVE_ROWS)
+    logger.info(
+        "decode steps of up to %d sequences run natively (mmx_decode_rows), weights %s",
+        NATIVE_ROWS,
+        "in panels (a copy)" if step.panels is not None else "read in place",
+    )
     return step

@@ -451,9 +451,23 @@ def empty_model(model_cls: type[Model], config: MiniMaxConfig, dtype: torch.dtyp
     with torch.device("meta"):
         model = model_cls(config)
     model.cast(dtype)
-    model.to_empty(device=device)
+    materialize(model, device)
     model.tie_weights()
     return model
+
+
+def materialize(model: nn.Module, device: str | torch.device) -> None:
+    """``model.to_empty(device)``, with ``torch.empty`` instead of ``torch.empty_like`` of meta tensors: that goes
+    through torch's reference implementations, which import its symbolic shapes and so sympy, ~40 MB of Python
+    objects kept for the life of every process that loads a model (a server's resident memory)."""
+    for module in model.modules():
+        for name, param in module._parameters.items():
+            if param is not None and param.device.type == "meta":
+                fresh = torch.empty(param.shape, dtype=param.dtype, device=device)
+                module._parameters[name] = nn.Parameter(fresh, requires_grad=param.requires_grad)
+        for name, buffer in module._buffers.items():
+            if buffer is not None and buffer.device.type == "meta":
+                module._buffers[name] = torch.empty(buffer.shape, dtype=buffer.dtype, device=device)
 
 
 def open_checkpoint(
@@ -504,7 +518,7 @@ def load_checkpoint(
         model = empty_model(model_cls, config, dtype, "meta")
         fp8 = [(t.name, t.expert, headers.info(k).dtype) for k, _, t in plan.entries if k in plan.scales]
         fp8_kept = keep_fp8_modules(model, fp8, block)
-        model.to_empty(device=device)
+        materialize(model, device)
         model.tie_weights()
     else:
         model = empty_model(model_cls, config, dtype, device)

@@ -4,11 +4,13 @@
  * A compiled graph of this step runs ~27 OpenMP regions or work-sharing barriers a layer, and writes each weight
  * product as one dot product per output row: one accumulator chain per row, so int8 weights (widened as they are
  * read) run at ~10 multiply-adds a nanosecond where the core can do 40+. Here the whole step is one region: each
- * phase splits its rows between the threads and ends at a barrier (6 a layer). For one sequence the products take
- * 16 weight rows at a time into 16 accumulators; for more, 4 weight rows by 4 sequences, each block of weight rows
- * read once for all the sequences, and the experts' (token, expert) pairs are grouped by expert so that each
- * chosen expert is read once (as mmx::expert_rows does). Called by mmx/engine/native_step.py through ctypes, with
- * the model as the structs below (pointers into the model's own tensors and the cache's K/V pools; no copies).
+ * phase splits its rows between the threads and ends at a barrier (6 a layer). The weights come repacked into
+ * panels (a copy the caller makes), each weight vector multiplied by up to 8 sequences as it is read, and the
+ * experts' (token, expert) pairs are grouped by expert so that each chosen expert is read once; where the caller
+ * made no copy (weights too large for one), the model's own layout is read: for one sequence 16 weight rows at a
+ * time into 16 accumulators, for more 4 weight rows by 4 sequences. Called by mmx/engine/native_step.py through
+ * ctypes, with the model as the structs below (pointers into the model's tensors or their panel copies, and the
+ * cache's K/V pools).
  *
  * The arithmetic is the model's (mmx/model): float32 throughout (K/V stored in bfloat16 or float16 are rounded as
  * torch rounds them and widened exactly as they are read), int8 weights times their row scales, RMSNorm's
@@ -22,9 +24,10 @@
 #include "rows.h"
 
 typedef struct {
-    const void *weight;  /* [rows, cols], float32 or int8 */
+    const void *weight;  /* [rows, cols], float32 or int8; or, with panels, repacked (see "panels" below) */
     const void *scale;   /* int8: one scale per row (float32, or bfloat16 when scale_bf16); NULL for float32 */
     int32_t scale_bf16;
+    int32_t panels;      /* the weight is repacked into panels */
 } dm_matrix;
 
 typedef struct {
@@ -125,9 +128,107 @@ static void product(const dm_matrix *m, const float *x, float *out, int r0, int 
     for (int r = r0; r < r1; r++) out[r - r0] *= scale_at(m->scale, m->scale_bf16, r);
 }
 
+/* Panels: a matrix repacked (mmx/engine/native_step.py, a copy of the model's weights) so that each weight vector
+ * read is multiplied by up to 8 tokens with no sum across lanes, and a thread's share is one stream. A dense matrix
+ * [rows, cols] becomes panels of 16 rows, each [cols][16] (the last one padded with zero rows); the experts' layouts
+ * are described at act_experts and down_experts. Against the dot-product blocks over the model's own layout (4
+ * weight rows by 4 tokens, a sum across lanes for each block) panels took tiny M2's 16-sequence experts from 3.2-3.9
+ * to 1.3-1.5 ms a step on a 2-core AMD EPYC (docs/benchmarks.md, "Weights in panels"). */
+#define PANEL 32 /* floats in a panel row */
+
+/* acc[r * V + v] = sum over j < n of x[r][j] * w[j * 16V + 16v + lane], for T rows of x (up to 8) and a panel of V
+ * (1 or 2) vectors a row; with few rows, S chains over j (summed at the end) keep the FMA units busy */
+#define DEFINE_PANEL(NAME, WTYPE, LOAD)                                                                               \
+    INLINE void NAME(const WTYPE *w, int V, const float *const *x, int T, int n, v16 *acc) {                          \
+        const int S = T * V <= 4 ? 4 : T * V <= 8 ? 2 : 1;                                                            \
+        v16 part[4][16];                                                                                              \
+        for (int s = 0; s < S; s++)                                                                                   \
+            for (int a = 0; a < T * V; a++) part[s][a] = splat(0.0f);                                                 \
+        for (int j = 0; j < n; j += S)                                                                                \
+            for (int s = 0; s < S; s++) {                                                                             \
+                const WTYPE *row = w + (int64_t)(j + s) * 16 * V;                                                     \
+                v16 w0 = LOAD(row), w1 = V == 2 ? LOAD(row + 16) : w0;                                                \
+                for (int r = 0; r < T; r++) {                                                                         \
+                    v16 xb = splat(x[r][j + s]);                                                                      \
+                    part[s][r * V] += xb * w0;                                                                        \
+                    if (V == 2) part[s][r * V + 1] += xb * w1;                                                        \
+                }                                                                                                     \
+            }                                                                                                         \
+        for (int a = 0; a < T * V; a++) {                                                                             \
+            acc[a] = part[0][a];                                                                                      \
+            for (int s = 1; s < S; s++) acc[a] += part[s][a];                                                         \
+        }                                                                                                             \
+    }
+DEFINE_PANEL(panel_f32, float, load_f32)
+DEFINE_PANEL(panel_i8, int8_t, load_i8)
+
+/* the panel product for T (1-8) rows and V vectors, with both constants in each copy so the loops unroll */
+#define PANEL_FOR(FN, w, V, x, T, n, acc)                                                                             \
+    do {                                                                                                              \
+        switch ((T) * 2 + (V) - 1) {                                                                                  \
+        case 2: FN(w, 1, x, 1, n, acc); break;                                                                        \
+        case 3: FN(w, 2, x, 1, n, acc); break;                                                                        \
+        case 4: FN(w, 1, x, 2, n, acc); break;                                                                        \
+        case 5: FN(w, 2, x, 2, n, acc); break;                                                                        \
+        case 6: FN(w, 1, x, 3, n, acc); break;                                                                        \
+        case 7: FN(w, 2, x, 3, n, acc); break;                                                                        \
+        case 8: FN(w, 1, x, 4, n, acc); break;                                                                        \
+        case 9: FN(w, 2, x, 4, n, acc); break;                                                                        \
+        case 10: FN(w, 1, x, 5, n, acc); break;                                                                       \
+        case 11: FN(w, 2, x, 5, n, acc); break;                                                                       \
+        case 12: FN(w, 1, x, 6, n, acc); break;                                                                       \
+        case 13: FN(w, 2, x, 6, n, acc); break;                                                                       \
+        case 14: FN(w, 1, x, 7, n, acc); break;                                                                       \
+        case 15: FN(w, 2, x, 7, n, acc); break;                                                                       \
+        case 16: FN(w, 1, x, 8, n, acc); break;                                                                       \
+        default: FN(w, 2, x, 8, n, acc); break;                                                                       \
+        }                                                                                                             \
+    } while (0)
+
+/* acc for T rows of x against one panel of m (V vectors a row, n rows), int8 panels unscaled */
+static void panel(const dm_matrix *m, int64_t at, int V, const float *const *x, int T, int n, v16 *acc) {
+    if (m->scale)
+        PANEL_FOR(panel_i8, (const int8_t *)m->weight + at, V, x, T, n, acc);
+    else
+        PANEL_FOR(panel_f32, (const float *)m->weight + at, V, x, T, n, acc);
+}
+
+/* the row scales of an int8 matrix for rows k .. k + count - 1 (count <= 16), or ones for float32 */
+static v16 scales16(const dm_matrix *m, int64_t k, int count) {
+    v16 s = splat(1.0f);
+    if (m->scale)
+        for (int o = 0; o < count; o++) s[o] = scale_at(m->scale, m->scale_bf16, k + o);
+    return s;
+}
+
+/* out[t * ldo + (r - r0)] = m[r] . x[t * ldx] for N rows of x and the rows [r0, r1) of a matrix in panels of 16
+ * rows (r0 a multiple of 16), each panel read once for up to 8 rows of x at a time */
+static void panel_products(const dm_matrix *m, const float *x, int N, int ldx, float *out, int ldo, int r0, int r1,
+                           int n) {
+    for (int r = r0; r < r1; r += 16) {
+        int rows = r1 - r < 16 ? r1 - r : 16;
+        v16 scale = scales16(m, r, rows);
+        for (int t = 0; t < N; t += 8) {
+            int count = N - t < 8 ? N - t : 8;
+            const float *xs[8];
+            v16 acc[16];
+            for (int j = 0; j < count; j++) xs[j] = x + (int64_t)(t + j) * ldx;
+            panel(m, (int64_t)r * n, 1, xs, count, n, acc);
+            for (int j = 0; j < count; j++) {
+                v16 y = acc[j] * scale;
+                memcpy(out + (int64_t)(t + j) * ldo + (r - r0), &y, sizeof(float) * rows);
+            }
+        }
+    }
+}
+
 /* out[t * ldo + (r - r0)] = m[r] . x[t * ldx] for N rows of x and the weight rows [r0, r1): one row as above, more
  * in blocks of 4 weight rows by up to 4 rows of x (the weight block read once for all of them) */
 static void products(const dm_matrix *m, const float *x, int N, int ldx, float *out, int ldo, int r0, int r1, int n) {
+    if (m->panels) {
+        panel_products(m, x, N, ldx, out, ldo, r0, r1, n);
+        return;
+    }
     if (N == 1) {
         product(m, x, out, r0, r1, n);
         return;
@@ -357,6 +458,89 @@ static void route(const dm_model *m, const dm_layer *l, const float *logits, int
 
 /* ------------------------------------------------------------------------------------------------ the experts */
 
+/* A step's experts come in panels (below) or, where no copy was made (weights too large for one), in the model's
+ * own layout, read with the dot-product blocks above. */
+
+/* the (token, slot) pairs grouped by expert: pair[start[e] .. start[e + 1]) are expert e's, in token order */
+static void group(const int *ids, int P, int E, int *start, int *pair) {
+    int fill[E];
+    for (int e = 0; e <= E; e++) start[e] = 0;
+    for (int p = 0; p < P; p++) start[ids[p] + 1]++;
+    for (int e = 0; e < E; e++) start[e + 1] += start[e];
+    for (int e = 0; e < E; e++) fill[e] = start[e];
+    for (int p = 0; p < P; p++) pair[fill[ids[p]]++] = p;
+}
+
+/* ---- experts in panels */
+
+/* act[p * I + i] = silu(gate_i . h) * (up_i . h) for every pair p: this thread's share of each chosen expert's
+ * panels, each read once for up to 8 of the expert's pairs at a time. gate_up in panels: expert e's panel p
+ * (features 16p .. 16p + 15) is [hidden][32], a row holding those features' 16 gate weights, then their 16 up
+ * weights; int8 row scales in the model's order [experts, 2 * inner]. */
+static void act_experts(const dm_model *m, const dm_layer *l, const float *h, const int *start, const int *pair,
+                        float *act, int tid, int nt) {
+    int D = m->hidden, I = m->inner, K = m->top_k, panels = I / 16;
+    const dm_matrix *w = &l->gate_up;
+    int p0 = (int)((int64_t)panels * tid / nt), p1 = (int)((int64_t)panels * (tid + 1) / nt);
+    for (int e = 0; e < m->experts; e++) {
+        if (start[e] == start[e + 1]) continue;
+        for (int p = p0; p < p1; p++) {
+            int64_t gate_row = (int64_t)e * 2 * I + 16 * p;
+            v16 gate_scale = scales16(w, gate_row, 16), up_scale = scales16(w, gate_row + I, 16);
+            for (int j = start[e]; j < start[e + 1]; j += 8) {
+                int count = start[e + 1] - j < 8 ? start[e + 1] - j : 8;
+                const float *rows[8];
+                v16 acc[16];
+                for (int r = 0; r < count; r++) rows[r] = h + (int64_t)(pair[j + r] / K) * D;
+                panel(w, ((int64_t)e * panels + p) * D * PANEL, 2, rows, count, D, acc);
+                for (int r = 0; r < count; r++) {
+                    v16 a = silu16(acc[2 * r] * gate_scale) * (acc[2 * r + 1] * up_scale);
+                    memcpy(act + (int64_t)pair[j + r] * I + 16 * p, &a, sizeof a);
+                }
+            }
+        }
+    }
+}
+
+/* y[t * D + d] = sum over token t's pairs of mix * (down_d . act[pair]), for this thread's share of the down
+ * panels: the hidden rows [*d0, *d1) they hold; each panel read once for up to 8 of its expert's pairs at a time.
+ * down in panels: expert e's panel p (outputs 32p .. 32p + 31) is [inner][32], the last one [inner][16] where hidden
+ * is an odd number of 16s; int8 row scales in the model's order [experts, hidden]. */
+static void down_experts(const dm_model *m, const dm_layer *l, const float *act, const int *start, const int *pair,
+                         const float *mix, int N, float *y, int tid, int nt, int *d0_, int *d1_) {
+    int D = m->hidden, I = m->inner, K = m->top_k, panels = (D + PANEL - 1) / PANEL;
+    const dm_matrix *w = &l->down;
+    int p0 = (int)((int64_t)panels * tid / nt), p1 = (int)((int64_t)panels * (tid + 1) / nt);
+    int d0 = p0 * PANEL, d1 = p1 * PANEL < D ? p1 * PANEL : D;
+    *d0_ = d0, *d1_ = d1;
+    for (int t = 0; t < N; t++)
+        for (int d = d0; d < d1; d++) y[(int64_t)t * D + d] = 0.0f;
+    for (int e = 0; e < m->experts; e++) {
+        if (start[e] == start[e + 1]) continue;
+        for (int p = p0; p < p1; p++) {
+            int V = D - p * PANEL >= PANEL ? 2 : 1;
+            int64_t row = (int64_t)e * D + p * PANEL;
+            v16 scale[2] = {scales16(w, row, 16), scales16(w, row + 16, V == 2 ? 16 : 0)};
+            for (int j = start[e]; j < start[e + 1]; j += 8) {
+                int count = start[e + 1] - j < 8 ? start[e + 1] - j : 8;
+                const float *rows[8];
+                v16 acc[16];
+                for (int r = 0; r < count; r++) rows[r] = act + (int64_t)pair[j + r] * I;
+                panel(w, (int64_t)e * D * I + (int64_t)p * PANEL * I, V, rows, count, I, acc);
+                for (int r = 0; r < count; r++) {
+                    float *yt = y + (int64_t)(pair[j + r] / K) * D + p * PANEL;
+                    for (int v = 0; v < V; v++) {
+                        v16 sum = load_f32(yt + 16 * v) + splat(mix[pair[j + r]]) * (acc[r * V + v] * scale[v]);
+                        memcpy(yt + 16 * v, &sum, sizeof sum);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/* ---- experts in the model's own layout */
+
 /* act[k * I + i] = silu(gate_i . h) * (up_i . h) of one token's K chosen experts, for this thread's share of the
  * (slot, 16 features) chunks */
 static void act_one(const dm_model *m, const dm_layer *l, const float *h, const int *ids, float *act, int tid, int nt) {
@@ -385,16 +569,6 @@ static void down_one(const dm_model *m, const dm_layer *l, const float *act, con
             for (int j = 0; j < c1 - c0; j++) y[c0 - d0 + j] += part[j] * mix[slot];
         }
     }
-}
-
-/* the (token, slot) pairs grouped by expert: pair[start[e] .. start[e + 1]) are expert e's, in token order */
-static void group(const int *ids, int P, int E, int *start, int *pair) {
-    int fill[E];
-    for (int e = 0; e <= E; e++) start[e] = 0;
-    for (int p = 0; p < P; p++) start[ids[p] + 1]++;
-    for (int e = 0; e < E; e++) start[e + 1] += start[e];
-    for (int e = 0; e < E; e++) fill[e] = start[e];
-    for (int p = 0; p < P; p++) pair[fill[ids[p]]++] = p;
 }
 
 /* act[p * I + i] for every pair p, this thread's share of the features in blocks of 4: each expert's 4 gate and 4
@@ -606,19 +780,24 @@ int mmx_decode_rows(const dm_model *m, int N, const int64_t *tokens, const int64
             products(&router_matrix, h2, N, D, router + r0, E, r0, r1, D);
 #pragma omp barrier
             for (int t = 0; t < N; t++) route(m, l, router + (size_t)t * E, ids + t * K, mix + t * K);
-            if (N == 1) {
+            group(ids, N * K, E, start, pair);
+            if (l->gate_up.panels)
+                act_experts(m, l, h2, start, pair, act, tid, nt);
+            else if (N == 1)
                 act_one(m, l, h2, ids, act, tid, nt);
-            } else {
-                group(ids, N * K, E, start, pair);
+            else
                 act_grouped(m, l, h2, start, pair, act, tid, nt);
-            }
 #pragma omp barrier
             /* down, mixed by the routing weights, and the residual */
-            share(D, tid, nt, &r0, &r1);
-            if (N == 1)
-                down_one(m, l, act, ids, mix, o + r0, r0, r1);
-            else
-                down_grouped(m, l, act, start, pair, mix, N, o, r0, r1);
+            if (l->gate_up.panels) {
+                down_experts(m, l, act, start, pair, mix, N, o, tid, nt, &r0, &r1);
+            } else {
+                share(D, tid, nt, &r0, &r1);
+                if (N == 1)
+                    down_one(m, l, act, ids, mix, o + r0, r0, r1);
+                else
+                    down_grouped(m, l, act, start, pair, mix, N, o, r0, r1);
+            }
             residual(x, m->postnorm ? h2 : x, l->mlp_alpha, o, l->mlp_beta, N, D, r0, r1);
 #pragma omp barrier
         }

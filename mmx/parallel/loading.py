@@ -13,7 +13,7 @@ import os
 
 import torch
 
-from mmx.model.checkpoint_io import Target, _Headers, _plan, check_finite, open_checkpoint
+from mmx.model.checkpoint_io import Target, _Headers, _plan, check_finite, materialize, open_checkpoint
 from mmx.model.fp8 import block_size_from
 from mmx.model.fp8_linear import keep_fp8_modules
 from mmx.model.modeling import MiniMaxForCausalLM
@@ -112,7 +112,7 @@ def load_shard(
         if not plan.scales:
             raise ValueError(f"quantization='fp8' keeps FP8 weights in FP8, but {directory} holds no FP8 weights")
         kept = keep_fp8_modules(model, _local_fp8_entries(plan, info.cuts, headers), block)
-    model.to_empty(device=device)
+    materialize(model, device)
     model.tie_weights()
     destinations = dict(model.state_dict(keep_vars=True))
     reader = _SliceReader(headers, plan.scales, block)

@@ -41,13 +41,15 @@ def tune_allocator(threshold_bytes: int = 1 << 30) -> bool:
     return _applied
 
 
-def release_free_memory() -> bool:
-    """Collect garbage and hand the malloc heap's free memory back to the OS once (glibc; False elsewhere). For after
-    a one-time burst of allocations, such as compiling the decode graphs, which leaves tens of MB free in the heap
-    that the raised trim threshold (:func:`tune_allocator`) would otherwise keep for good."""
+def release_free_memory(collect: bool = True) -> bool:
+    """Collect garbage (``collect``) and hand the malloc heap's free memory back to the OS once (glibc; False
+    elsewhere). For after a burst of allocations, such as compiling the decode graphs or a server's batch of
+    prefills, which leaves tens of MB free in the heap that the raised trim threshold (:func:`tune_allocator`)
+    would otherwise keep for good."""
     import gc
 
-    gc.collect()
+    if collect:
+        gc.collect()
     if not sys.platform.startswith("linux"):
         return False
     try:
