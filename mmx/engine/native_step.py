@@ -368,8 +368,11 @@ class NativeStep:
 
     def refresh_weights(self, force: bool = False) -> None:
         """Repack the panels whose model tensor changed in place since they were packed (all of them: ``force``)."""
-        for panels in self.panels or ():
-            panels.refresh(force)
+        panels = self.panels or ()
+        # one pass over the versions first: the step runs this with its caches cold from streaming the weights
+        if force or [p.source._version for p in panels] != [p.version for p in panels]:
+            for p in panels:
+                p.refresh(force)
 
     def __call__(self, seqs: list[Sequence]) -> torch.Tensor:
         """Logits [len(seqs), vocab] of each sequence's next token; each feeds its token at num_computed_tokens."""
@@ -381,22 +384,29 @@ class NativeStep:
             if len(row) <= a // bs:  # the C step trusts its tables: one too short would read past them
                 raise ValueError(f"{seq} has no cache block for position {a} (the scheduler grows it first)")
         width = max(len(row) for row in rows)
-        longs = ctypes.c_int64 * n
-        tokens = longs(*(seq.tokens(a, a + 1)[0] for seq, a in zip(seqs, starts)))
-        write_at = longs(*(row[-1] * bs + a % bs for row, a in zip(rows, starts)))
-        table = [block for row in rows for block in row + [0] * (width - len(row))]
-        tables = (ctypes.c_int64 * len(table))(*table)
+        # one array: tokens, positions, write slots, lengths, state slots (n each), then the block tables
+        fields = [seq.tokens(a, a + 1)[0] for seq, a in zip(seqs, starts)]
+        fields += starts
+        fields += [row[-1] * bs + a % bs for row, a in zip(rows, starts)]
+        fields += [a + 1 for a in starts]
+        fields += [seq.slot or 0 for seq in seqs]
+        for row in rows:
+            fields += row
+            fields += [0] * (width - len(row))
+        array = (ctypes.c_int64 * len(fields))(*fields)
+        at = ctypes.addressof(array)
+        tokens, positions, write_at, lengths, slots, tables = (at + 8 * n * i for i in range(6))
         logits = torch.empty(n, self.vocab)
         status = self._function(
             self._model_ref,
             n,
             tokens,
-            longs(*starts),
+            positions,
             write_at,
             tables,
             width,
-            longs(*(a + 1 for a in starts)),
-            longs(*(seq.slot or 0 for seq in seqs)),
+            lengths,
+            slots,
             logits.data_ptr(),
             torch.get_num_threads(),
         )
