@@ -132,12 +132,13 @@ static void product(const dm_matrix *m, const float *x, float *out, int r0, int 
  * read is multiplied by up to 8 tokens with no sum across lanes, and a thread's share is one stream. A dense matrix
  * [rows, cols] becomes panels of 16 rows, each [cols][16] (the last one padded with zero rows); the experts' layouts
  * are described at act_experts and down_experts. Against the dot-product blocks over the model's own layout (4
- * weight rows by 4 tokens, a sum across lanes for each block) panels took tiny M2's 16-sequence experts from 3.2-3.9
- * to 1.3-1.5 ms a step on a 2-core AMD EPYC (docs/benchmarks.md, "Weights in panels"). */
+ * weight rows by 4 tokens, a sum across lanes for each block) panels took tiny M2's 16-sequence experts from 3.0-3.8
+ * to 1.3-1.6 ms a step on a 2-core AMD EPYC (docs/benchmarks.md, "Weights in panels"). */
 #define PANEL 32 /* floats in a panel row */
 
 /* acc[r * V + v] = sum over j < n of x[r][j] * w[j * 16V + 16v + lane], for T rows of x (up to 8) and a panel of V
- * (1 or 2) vectors a row; with few rows, S chains over j (summed at the end) keep the FMA units busy */
+ * (1 or 2) vectors a row; with few rows, S chains over j (summed at the end) keep the FMA units busy (n is a
+ * multiple of 16, so of S) */
 #define DEFINE_PANEL(NAME, WTYPE, LOAD)                                                                               \
     INLINE void NAME(const WTYPE *w, int V, const float *const *x, int T, int n, v16 *acc) {                          \
         const int S = T * V <= 4 ? 4 : T * V <= 8 ? 2 : 1;                                                            \
