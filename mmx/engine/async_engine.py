@@ -218,7 +218,8 @@ class AsyncLLM:
             if self._trimmed_at != self.stats.steps_total:
                 # Idle after work: give the heap's free memory back (the activations of the last prefills, tens of
                 # MB that the raised trim threshold keeps for reuse), so that resident memory follows what is in
-                # use. ~1 ms; the next burst faults its pages back in (docs/benchmarks.md, "Memory when idle").
+                # use. 4-8 ms on the bench models; the next burst faults its pages back in (docs/benchmarks.md,
+                # "Resident memory: no sympy, a trimmed heap when idle").
                 self._trimmed_at = self.stats.steps_total
                 release_free_memory(collect=False)
             self._wake.wait(timeout=0.5)
