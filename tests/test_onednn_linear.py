@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import mmx.model.linear as linear_mod
+import mmx.model.moe as moe_mod
 from mmx.model.linear import ONEDNN_MIN_MACS, linear, onednn_pays
 from mmx.model.moe import EXPERTS_ONEDNN_MIN_MACS, combine_per_expert, experts_pay_onednn, grouped_moe, swiglu
 
@@ -17,15 +18,19 @@ needs_onednn = pytest.mark.skipif(not linear_mod.ONEDNN_LINEAR, reason="oneDNN r
 
 @pytest.fixture
 def onednn_calls(monkeypatch) -> list[tuple[int, ...]]:
-    """Shapes of the inputs oneDNN multiplied (the real call still runs)."""
+    """Shapes of the inputs oneDNN multiplied (the real call still runs): those of ``onednn_linear``, and the row
+    blocks the MoE's experts pass to ``onednn_product`` themselves."""
     calls: list[tuple[int, ...]] = []
-    real = linear_mod.onednn_linear
 
-    def counted(x, weight, bias=None):
-        calls.append(tuple(x.shape))
-        return real(x, weight, bias)
+    def counting(real):
+        def counted(x, weight, bias=None):
+            calls.append(tuple(x.shape))
+            return real(x, weight, bias)
 
-    monkeypatch.setattr(linear_mod, "onednn_linear", counted)
+        return counted
+
+    monkeypatch.setattr(linear_mod, "onednn_linear", counting(linear_mod.onednn_linear))
+    monkeypatch.setattr(moe_mod, "onednn_product", counting(moe_mod.onednn_product))
     return calls
 
 

@@ -10,6 +10,11 @@ from mmx.model.cache import AttentionCache, causal_softmax
 from mmx.model.linear import Linear
 from mmx.model.norm import RMSNorm
 from mmx.model.rotary import apply_rotary
+from mmx.ops import fused_rows
+
+
+def _norm_args(norm: RMSNorm | None) -> tuple[torch.Tensor | None, float]:
+    return (None, 0.0) if norm is None else (norm.weight, norm.eps)
 
 
 class SoftmaxAttention(nn.Module):
@@ -31,18 +36,41 @@ class SoftmaxAttention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
+    def _fused_norms(self) -> bool:
+        """Whether QK-norm runs inside the fused rotary kernel: plain RMSNorms (a sharded one adds its statistic
+        across ranks in its own forward)."""
+        return self.q_norm is None or (type(self.q_norm) is RMSNorm and type(self.k_norm) is RMSNorm)
+
+    def _norm_rotary(
+        self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """QK-norm and rotary on q [B, T, H * D] and k, each one pass (mmx.ops.fused_rows) where the kernels take them:
+        (q, k, whether they are rotated)."""
+        fuse_norms = self._fused_norms() and (q.shape[-1] | k.shape[-1]) % fused_rows.ROW_MULTIPLE == 0
+        if not fuse_norms and self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        norms = (self.q_norm, self.k_norm) if fuse_norms and self.q_norm is not None else (None, None)
+        weights = [n.weight for n in norms if n is not None]
+        if cos.shape[-1] % 2 or not fused_rows.takes(q, k, cos, sin, *weights):
+            if fuse_norms and self.q_norm is not None:
+                q, k = self.q_norm(q), self.k_norm(k)
+            return q, k, False
+        q = fused_rows.norm_rotary(q, *_norm_args(norms[0]), cos, sin, self.num_heads)
+        k = fused_rows.norm_rotary(k, *_norm_args(norms[1]), cos, sin, self.num_kv_heads)
+        return q, k, True
+
     def forward(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: AttentionCache | None
     ) -> torch.Tensor:
         b, t, _ = x.shape
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = rope
+        q, k, rotated = self._norm_rotary(q, k, cos, sin)
         q = q.view(b, t, self.num_heads, self.head_dim).transpose(1, 2)
         k = k.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(b, t, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = rope
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if not rotated:
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is None:
             out = causal_softmax(q, k, v, self.scale)
         else:

@@ -129,19 +129,33 @@ def row_blocks(rows: int) -> list[tuple[int, int]]:
     return blocks
 
 
-def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ weight.T + bias by oneDNN, with the weight as it is stored (no packing, no copy), called only with the
-    row counts of :func:`row_blocks` (see the module's notes)."""
-    flat = x.reshape(-1, x.shape[-1])
-    rows = flat.shape[0]
-    products = []
-    for start, size in row_blocks(rows):
+def padded_blocks(flat: torch.Tensor) -> list[torch.Tensor]:
+    """The rows of ``flat`` [rows, cols] in the blocks of :func:`row_blocks`, the last one padded with zero rows."""
+    blocks = []
+    for start, size in row_blocks(flat.shape[0]):
         block = flat[start : start + size]
         if size != block.shape[0]:
             block = torch.cat([block, block.new_zeros(size - block.shape[0], block.shape[1])])
-        products.append(torch.ops.mkldnn._linear_pointwise(block, weight, bias, "none", [], ""))
-    out = products[0] if len(products) == 1 else torch.cat(products)
-    return out[:rows].view(*x.shape[:-1], weight.shape[0])
+        blocks.append(block)
+    return blocks
+
+
+def onednn_product(block: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """block @ weight.T + bias by oneDNN, with the weight as it is stored (no packing, no copy); ``block`` has one of
+    the row counts of :func:`row_blocks` (see the module's notes)."""
+    return torch.ops.mkldnn._linear_pointwise(block, weight, bias, "none", [], "")
+
+
+def joined(blocks: list[torch.Tensor], rows: int) -> torch.Tensor:
+    """The first ``rows`` rows of the blocks' products, one after the other."""
+    return (blocks[0] if len(blocks) == 1 else torch.cat(blocks))[:rows]
+
+
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T + bias by oneDNN, in the row blocks of :func:`padded_blocks`."""
+    flat = x.reshape(-1, x.shape[-1])
+    products = [onednn_product(block, weight, bias) for block in padded_blocks(flat)]
+    return joined(products, flat.shape[0]).view(*x.shape[:-1], weight.shape[0])
 
 
 def project(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -15,7 +15,17 @@ from torch import nn
 
 from mmx.config import MiniMaxConfig
 from mmx.model.activation import activation
-from mmx.model.linear import dot_rows, linear, onednn_takes, streams_rows
+from mmx.model.linear import (
+    dot_rows,
+    joined,
+    linear,
+    onednn_pays,
+    onednn_product,
+    onednn_takes,
+    padded_blocks,
+    streams_rows,
+)
+from mmx.ops import fused_rows
 from mmx.ops.expert_rows import expert_rows
 from mmx.ops.expert_rows import supports as expert_rows_take
 from mmx.utils.custom_ops import without_dynamo_import
@@ -71,7 +81,7 @@ def combine_per_expert(
     token_of = order // k
     mix = weights.reshape(-1)[order].to(x.dtype)[:, None]
     counts = torch.bincount(flat, minlength=num_experts).tolist()
-    routed = x[token_of]
+    routed = x.index_select(0, token_of)
     out = torch.zeros_like(x)
     start = 0
     for expert, count in enumerate(counts):
@@ -87,9 +97,20 @@ def combine_per_expert(
 def swiglu(
     x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, act: Callable[[torch.Tensor], torch.Tensor]
 ) -> torch.Tensor:
-    """One expert on its rows: down( act(gate x) * up x ), with gate|up stacked [2I, D]."""
-    gate, up = linear(x, gate_up).chunk(2, dim=-1)
-    return linear(act(gate) * up, down)
+    """One expert on its rows: down( act(gate x) * up x ), with gate|up stacked [2I, D]. Through oneDNN, each block
+    of rows goes through both products before the next (only the narrow outputs of down are joined)."""
+    if onednn_pays(x, gate_up) and onednn_pays(x, down):
+        products = [onednn_product(gated(onednn_product(b, gate_up), act), down) for b in padded_blocks(x)]
+        return joined(products, x.shape[0])
+    return linear(gated(linear(x, gate_up), act), down)
+
+
+def gated(gate_up: torch.Tensor, act: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """act(gate) * up of the gate|up products [..., 2I]: one pass (mmx.ops.fused_rows) for SiLU where it takes them."""
+    if act is F.silu and gate_up.shape[-1] % (2 * fused_rows.ROW_MULTIPLE) == 0 and fused_rows.takes(gate_up):
+        return fused_rows.silu_mul(gate_up)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return act(gate) * up
 
 
 class Experts(nn.Module):
@@ -212,8 +233,8 @@ def grouped_moe(
     # offsets[e] = pairs routed to experts <= e: where each expert's rows end, found on the device
     offsets = torch.searchsorted(expert_of, torch.arange(gate_up_proj.shape[0], device=x.device), right=True)
     offsets = offsets.to(torch.int32)
-    gate, up = F.grouped_mm(x[token_of], gate_up_proj.transpose(1, 2), offs=offsets).chunk(2, dim=-1)
-    y = F.grouped_mm(act(gate) * up, down_proj.transpose(1, 2), offs=offsets)
+    products = F.grouped_mm(x[token_of], gate_up_proj.transpose(1, 2), offs=offsets)
+    y = F.grouped_mm(gated(products, act), down_proj.transpose(1, 2), offs=offsets)
     y.mul_(weights.reshape(-1)[order].to(x.dtype)[:, None])
     return torch.zeros_like(x).index_add_(0, token_of, y)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mmx.ops import fused_rows
+
 
 class RMSNorm(nn.Module):
     """y = w * x / sqrt(mean(x^2) + eps). The statistic is taken in float32 and the result is cast back to the
@@ -16,6 +18,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] % fused_rows.ROW_MULTIPLE == 0 and fused_rows.takes(x, self.weight):
+            return fused_rows.rms_norm(x, self.weight, self.eps)
         dtype = x.dtype
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)

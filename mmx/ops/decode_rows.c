@@ -63,13 +63,6 @@ typedef struct {
 
 /* ------------------------------------------------------------------------------------------------ products */
 
-/* the sum of a vector's lanes, as a tree (a scalar loop would be 16 dependent additions) */
-static inline float hsum(v16 a) {
-    v16 zero = {0};
-    v16 s = fold1(fold2(fold4(fold8(a, zero), zero), zero), zero);
-    return s[0];
-}
-
 /* out[r - r0] = w[r] . x for rows r in [r0, r1): 16 rows at a time (16 accumulators, the transposing sum), then 4,
  * then one. IN_ORDER reads the 16 rows one after the other, in address order, two accumulators a row: float32 weights
  * stream from memory, and walking 16 rows side by side (16 streams 1-2 KB apart) read them at 27-39 GB/s on a 2-core
@@ -263,31 +256,6 @@ static void share(int n, int tid, int nt, int *r0, int *r1) {
 }
 
 /* ------------------------------------------------------------------------------------------------ pieces */
-
-static float sum_squares(const float *x, int n) {
-    v16 acc = {0};
-    for (int d = 0; d < n; d += 16) {
-        v16 v = load_f32(x + d);
-        acc += v * v;
-    }
-    return hsum(acc);
-}
-
-/* out = w * x / sqrt(mean(x^2) + eps) (out may be x) */
-static void rms_norm(const float *x, const float *w, float *out, int n, float eps) {
-    float r = 1.0f / sqrtf(sum_squares(x, n) / (float)n + eps);
-    for (int d = 0; d < n; d++) out[d] = w[d] * (x[d] * r);
-}
-
-/* NeoX rotary on the first rotary_dim channels of one head, by the position's cos / sin */
-static void rotate(float *head, const float *cos_, const float *sin_, int rotary_dim) {
-    int half = rotary_dim / 2;
-    for (int j = 0; j < half; j++) {
-        float a = head[j], b = head[j + half];
-        head[j] = a * cos_[j] - b * sin_[j];
-        head[j + half] = b * cos_[j + half] + a * sin_[j + half];
-    }
-}
 
 /* out[p] = offset of position p's K/V rows in the pools (head 0), through the block table: no division per
  * position */

@@ -33,7 +33,7 @@ from mmx.utils.logging import get_logger
 logger = get_logger(__name__)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-KERNELS = [os.path.join(HERE, name) for name in ("expert_rows.c", "decode_rows.c")]  # the kernels, plain C
+KERNELS = [os.path.join(HERE, name) for name in ("expert_rows.c", "decode_rows.c", "fused_rows.c")]  # plain C
 HEADER = os.path.join(HERE, "rows.h")  # their shared vector helpers
 OP = os.path.join(HERE, "expert_rows_op.cpp")  # the op's checks and its registration, through torch's stable ABI
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC"]

@@ -1,6 +1,6 @@
-/* Vector helpers shared by the CPU kernels (expert_rows.c, decode_one.c): 16-float vectors, loads of float32 and
- * int8 weights, the transposing sum of 16 accumulators, dot-product blocks of 4 weight rows, exp and SiLU, and
- * int8 row scales. */
+/* Vector helpers shared by the CPU kernels (expert_rows.c, decode_rows.c, fused_rows.c): 16-float vectors, loads of float32 and
+ * int8 weights, the transposing sum of 16 accumulators, dot-product blocks of 4 weight rows, exp and SiLU,
+ * RMSNorm and rotary of one row, and int8 row scales. */
 #ifndef MMX_ROWS_H
 #define MMX_ROWS_H
 #include <math.h>
@@ -42,6 +42,13 @@ INLINE v16 fold2(v16 a, v16 b) {
 INLINE v16 fold1(v16 a, v16 b) {
     return __builtin_shufflevector(a, b, 0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30) +
            __builtin_shufflevector(a, b, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31);
+}
+
+/* the sum of a vector's lanes, as a tree (a scalar loop would be 16 dependent additions) */
+INLINE float hsum(v16 a) {
+    v16 zero = {0};
+    v16 s = fold1(fold2(fold4(fold8(a, zero), zero), zero), zero);
+    return s[0];
 }
 
 /* lane k of the result: the full sum of acc[k] */
@@ -104,6 +111,32 @@ INLINE v16 exp16(v16 x) {
 }
 
 INLINE v16 silu16(v16 g) { return g / (splat(1.0f) + exp16(-g)); }
+
+/* the sum of squares of n floats (n a multiple of 16) */
+INLINE float sum_squares(const float *x, int n) {
+    v16 acc = {0};
+    for (int d = 0; d < n; d += 16) {
+        v16 v = load_f32(x + d);
+        acc += v * v;
+    }
+    return hsum(acc);
+}
+
+/* RMSNorm of one row: out = w * x / sqrt(mean(x^2) + eps) (out may be x) */
+INLINE void rms_norm(const float *x, const float *w, float *out, int n, float eps) {
+    float r = 1.0f / sqrtf(sum_squares(x, n) / (float)n + eps);
+    for (int d = 0; d < n; d++) out[d] = w[d] * (x[d] * r);
+}
+
+/* NeoX rotary on the first rotary_dim channels of one head, by the position's cos / sin */
+INLINE void rotate(float *head, const float *cos_, const float *sin_, int rotary_dim) {
+    int half = rotary_dim / 2;
+    for (int j = 0; j < half; j++) {
+        float a = head[j], b = head[j + half];
+        head[j] = a * cos_[j] - b * sin_[j];
+        head[j + half] = b * cos_[j + half] + a * sin_[j + half];
+    }
+}
 
 /* one int8 weight row's scale, stored as float32 or as bfloat16 (the upper half of a float32) */
 INLINE float scale_at(const void *s, int bf16, int64_t k) {
