@@ -1,6 +1,6 @@
-"""The one-pass row kernels of eager float32 forwards (mmx.ops.fused_rows) against float64 oracles: RMSNorm,
-QK-norm with partial rotary, silu(gate) * up; the same bits at any thread count; the tensors they refuse; and a
-model's forward taking them, equal to the torch ops to float32 rounding."""
+"""The one-pass kernels of eager float32 forwards (mmx.ops.fused_rows) against float64 oracles: RMSNorm, QK-norm
+with partial rotary, silu(gate) * up, causal attention at any offset; the same bits at any thread count; the tensors
+they refuse; and a model's forward taking them, as near a float64 forward as the torch ops."""
 
 from __future__ import annotations
 
@@ -125,12 +125,12 @@ def test_a_forward_takes_the_kernels_and_equals_the_torch_ops(preset, monkeypatc
     model = tiny_model(preset)
     ids = torch.randint(0, model.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(3))
     calls: list[str] = []
-    for name in ("rms_norm", "norm_rotary", "silu_mul"):
+    for name in ("rms_norm", "norm_rotary", "silu_mul", "attention"):
         real = getattr(fused_rows, name)
         monkeypatch.setattr(fused_rows, name, lambda *a, _n=name, _f=real: calls.append(_n) or _f(*a))
     with torch.inference_mode():
         fused = model(ids)
-    assert {"rms_norm", "norm_rotary"} <= set(calls)
+    assert {"rms_norm", "norm_rotary", "attention"} <= set(calls)
     assert "silu_mul" in calls or model.config.hidden_act != "silu"
     monkeypatch.setenv("MMX_FUSED_ROWS", "0")
     fused_rows.reset()
@@ -149,3 +149,66 @@ def test_a_forward_takes_the_kernels_and_equals_the_torch_ops(preset, monkeypatc
     fused_rows.reset()
     model(ids).float().logsumexp(-1).mean().backward()
     assert calls == [] and model.model.norm.weight.grad is not None
+
+
+def _attention64(q, k, v, scale, offset):
+    """Dense float64 attention, query i seeing keys j <= offset + i (offset None: every key)."""
+    t, s = q.shape[2], k.shape[2]
+    mask = None if offset is None else torch.arange(s)[None, :] <= torch.arange(t)[:, None] + offset
+    return F.scaled_dot_product_attention(
+        q.double(), k.double(), v.double(), attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1]
+    )
+
+
+@pytest.mark.parametrize(
+    "batch, heads, kv_heads, t, keys, offset, d",
+    [
+        (1, 4, 2, 600, 1500, 900, 64),  # a chunk after 900 cached keys
+        (3, 4, 2, 130, 130, 0, 64),  # fresh prompts side by side, causal
+        (2, 6, 1, 70, 200, None, 128),  # every key visible
+        (1, 2, 2, 5, 40, 20, 48),  # keys past the last query's position are never seen; 3 vectors a head
+        (1, 3, 3, 1, 77, 76, 16),
+    ],
+)
+def test_attention_matches_float64(batch, heads, kv_heads, t, keys, offset, d):
+    """The one-pass attention kernel (online softmax over blocks of 64 keys) against dense float64 attention, with
+    the strides the model hands it (heads split off the [B, T, H * D] projections), at any thread count; its output
+    laid out [B, T, H, D] as the output projection reads it."""
+    gen = torch.Generator().manual_seed(t)
+    q = torch.randn(batch, t, heads, d, generator=gen).transpose(1, 2)
+    k, v = (torch.randn(batch, keys, kv_heads, d, generator=gen).transpose(1, 2) for _ in range(2))
+    assert fused_rows.takes_attention(q, k, v)
+    scale = d**-0.5
+    threads = torch.get_num_threads()
+    try:
+        outs = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            outs.append(fused_rows.attention(q, k, v, scale, offset))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outs[0], outs[1])
+    assert outs[0].transpose(1, 2).is_contiguous()
+    torch.testing.assert_close(outs[0].double(), _attention64(q, k, v, scale, offset), rtol=1e-5, atol=2e-6)
+
+
+def test_a_chunk_after_cached_keys_equals_the_whole_prompt_bit_for_bit():
+    """Each row is computed alone in a fixed order over the same key blocks: the second half of a prompt attended
+    after its cached first half gives the bits of the whole prompt's attention (prefix caching changes nothing)."""
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 4, 300, 64, generator=gen)
+    k, v = (torch.randn(1, 2, 300, 64, generator=gen) for _ in range(2))
+    whole = fused_rows.attention(q, k, v, 0.125, 0)
+    second = fused_rows.attention(q[:, :, 170:], k, v, 0.125, 170)
+    assert torch.equal(second, whole[:, :, 170:])
+
+
+def test_attention_refuses_what_it_cannot_read():
+    q, k = torch.randn(1, 4, 8, 64), torch.randn(1, 2, 8, 64)
+    assert not fused_rows.takes_attention(q, k, torch.randn(1, 2, 9, 64))  # K and V of different lengths
+    assert not fused_rows.takes_attention(torch.randn(1, 3, 8, 64), k, k)  # 3 query heads on 2 K/V heads
+    assert not fused_rows.takes_attention(q[..., :40], k[..., :40], k[..., :40])  # 40 channels
+    assert not fused_rows.takes_attention(q.transpose(2, 3), k, k)  # channels not contiguous
+    assert not fused_rows.takes_attention(q.double(), k.double(), k.double())
+    with pytest.raises(ValueError, match="refused"):
+        fused_rows.attention(q, k, torch.randn(1, 2, 9, 64), 0.1, 0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import shutil
 
 import pytest
 import torch
@@ -106,13 +107,19 @@ def test_router_stays_float32_in_a_bf16_model():
     assert model.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("path", ["log-sum-exp", "blocked-mask"])
+@pytest.mark.parametrize("path", ["kernel", "log-sum-exp", "blocked-mask"])
 @pytest.mark.parametrize("heads, kv_heads, t, past", [(4, 2, 7, 13), (8, 8, 33, 100), (6, 1, 40, 3)])
 def test_chunk_continuation_attention(path, heads, kv_heads, t, past, monkeypatch):
     """A prefill chunk after cached keys (query i at position past + i) against a dense masked float64 reference,
-    through the mask-free log-sum-exp merge and through the blocked masked fallback."""
+    through the one-pass kernel (mmx.ops.fused_rows), and without it through the mask-free log-sum-exp merge of two
+    flash calls and through the blocked masked fallback."""
     import mmx.model.cache as cache_module
+    from mmx.ops import fused_rows
 
+    calls = []
+    real = fused_rows.attention
+    monkeypatch.setattr(fused_rows, "attention", lambda *a: calls.append(a) or real(*a))
+    monkeypatch.setattr(fused_rows, "_library", None if path == "kernel" else False)
     if path == "blocked-mask":
         monkeypatch.setattr(cache_module, "_FLASH_CPU", None)
         monkeypatch.setattr(cache_module, "MASKED_QUERY_BLOCK", 8)
@@ -129,3 +136,4 @@ def test_chunk_continuation_attention(path, heads, kv_heads, t, past, monkeypatc
     torch.testing.assert_close(
         cache_module.causal_softmax(q, k, v, 0.25, q_offset=past).double(), expected, rtol=1e-5, atol=1e-5
     )
+    assert len(calls) == (path == "kernel" and shutil.which("gcc") is not None)

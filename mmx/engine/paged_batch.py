@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from mmx.engine.cache import HybridCache
 from mmx.engine.sequence import Sequence
 from mmx.model.cache import causal_softmax
-from mmx.ops import lightning_decode, lightning_prefill, lightning_prefix_states
+from mmx.ops import fused_rows, lightning_decode, lightning_prefill, lightning_prefix_states
 
 # Decode histories at least this long are read in place (when contiguous) rather than gathered into the batch.
 LONG_CONTEXT = 1024
@@ -224,7 +224,9 @@ def _same_length_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, count
     def batched(t: torch.Tensor, heads: int) -> torch.Tensor:
         return t[0].view(heads, count, -1, d).transpose(0, 1)
 
-    out = F.scaled_dot_product_attention(
-        batched(q, h), batched(k, g), batched(v, g), is_causal=True, scale=scale, enable_gqa=h != g
-    )
+    qs, ks, vs = batched(q, h), batched(k, g), batched(v, g)
+    if fused_rows.takes_attention(qs, ks, vs):
+        out = fused_rows.attention(qs, ks, vs, scale, 0)
+    else:
+        out = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=h != g)
     return out.transpose(0, 1).reshape(h, -1, d)

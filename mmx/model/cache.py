@@ -13,7 +13,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from mmx.ops import lightning_attention, lightning_decode
+from mmx.ops import fused_rows, lightning_attention, lightning_decode
 
 
 class AttentionCache(Protocol):
@@ -55,6 +55,8 @@ def causal_softmax(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: flo
     gqa = q.shape[1] != k.shape[1]
     if t == 1:  # a single new token sees every key
         return F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=gqa)
+    if fused_rows.takes_attention(q, k, v):  # any offset, no mask, written as the output projection reads it
+        return fused_rows.attention(q, k, v, scale, q_offset)
     if q_offset == 0 and t == s:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
     if q.device.type == "cpu" and _FLASH_CPU is not None and 0 < q_offset == s - t:
@@ -82,11 +84,9 @@ def _continue_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
     # Past part: the r query heads that share a KV head attend to it as one head of r * t rows (no K / V copies).
     grouped = q.reshape(b, g, r * t, d)
     out_past, lse_past = _FLASH_CPU(grouped, k[:, :, :past], v[:, :, :past], 0.0, False, scale=scale)
+    # the causal square: the kernel maps each query head to its K/V head itself (as SDPA's enable_gqa has it call it)
+    out_new, lse_new = _FLASH_CPU(q, k[:, :, past:], v[:, :, past:], 0.0, True, scale=scale)
     out_past, lse_past = out_past.reshape(b, h, t, d), lse_past.reshape(b, h, t)
-    new_k, new_v = k[:, :, past:], v[:, :, past:]
-    if r > 1:  # the causal square needs one KV head per query head; these are only the chunk's keys
-        new_k, new_v = new_k.repeat_interleave(r, dim=1), new_v.repeat_interleave(r, dim=1)
-    out_new, lse_new = _FLASH_CPU(q, new_k, new_v, 0.0, True, scale=scale)
     top = torch.maximum(lse_past, lse_new)
     w_past, w_new = torch.exp(lse_past - top)[..., None], torch.exp(lse_new - top)[..., None]
     merged = (out_past.float() * w_past + out_new.float() * w_new) / (w_past + w_new)

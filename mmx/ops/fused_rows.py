@@ -1,13 +1,21 @@
-"""RMSNorm, QK-norm with rotary, and SwiGLU's silu(gate) * up, each one pass over memory (``fused_rows.c``), for
-eager float32 forwards on the CPU: prefill chunks, mostly.
+"""One-pass kernels of eager float32 forwards on the CPU (``fused_rows.c``), prefill chunks mostly: RMSNorm, QK-norm
+with rotary, SwiGLU's silu(gate) * up, and causal softmax attention.
 
-As torch ops each is several kernels that read and write the whole activation (RMSNorm: pow, mean, add, rsqrt and two
-multiplies; rotary: slices, a negation, two cats, two multiplies and an add). The C kernels live in the library
-:mod:`mmx.ops.expert_rows` builds (same cache, same compilers) and are called through ctypes, which lets go of the
-GIL. They take contiguous float32 CPU tensors outside autograd and compiled graphs, rows whose lengths are multiples
-of 16; anything else, or ``MMX_FUSED_ROWS=0`` (for A/B measurements), keeps the torch ops. The arithmetic is the
-native decode step's (rows.h): a row's statistic is summed in a different order than torch's, so results differ from
-the torch ops by float32 rounding (a few ulp), and agree with the native decode step.
+As torch ops each of the first three is several kernels that read and write the whole activation (RMSNorm: pow,
+mean, add, rsqrt and two multiplies; rotary: slices, a negation, two cats, two multiplies and an add). Attention
+replaces torch's CPU flash kernel, which on these head sizes ran at 105-130 GFLOP/s (its causal blocks of 256 x 512
+compute and then mask the diagonal's hidden half; a chunk after cached keys took two calls and a merge of their
+log-sum-exps): here tiles of 6 query rows by 64 keys keep their 24 score vectors in registers through the online
+softmax, blocks past a row's position are skipped, any causal offset is one call, and the output is written
+[B, T, H, D], as the output projection reads it (bench/fused_rows.py, docs/benchmarks.md).
+
+The kernels live in the library :mod:`mmx.ops.expert_rows` builds (same cache, same compilers) and are called
+through ctypes, which lets go of the GIL. They take float32 CPU tensors outside autograd and compiled graphs, rows
+whose lengths are multiples of 16; anything else, or ``MMX_FUSED_ROWS=0`` (for A/B measurements), keeps the torch
+ops. Each output row is computed by one thread in a fixed order, so results do not depend on the thread count, and a
+row's attention does not depend on the other rows of its call: a chunk after cached keys gives the bits of the whole
+prompt. The arithmetic is the native decode step's (rows.h): sums are taken in a different order than torch's, so
+results differ from the torch ops by float32 rounding.
 """
 
 from __future__ import annotations
@@ -41,8 +49,10 @@ def _kernels() -> ctypes.CDLL | None:
             lib.mmx_rms_norm_rows.argtypes = [p, p, p, i64, i32, f32, i32]
             lib.mmx_norm_rotary_rows.argtypes = [p, p, f32, p, p, p, i64, i32, i32, i32, i32]
             lib.mmx_silu_mul_rows.argtypes = [p, p, i64, i32, i32]
-            for fn in (lib.mmx_rms_norm_rows, lib.mmx_norm_rotary_rows, lib.mmx_silu_mul_rows):
-                fn.restype = None
+            lib.mmx_attention_rows.argtypes = [p, p, p, p, p, p, p, i64, i32, i32, i64, i64, i32, i32, i64, f32, i32]
+            kernels = ("rms_norm_rows", "norm_rotary_rows", "silu_mul_rows", "attention_rows")
+            for name in kernels:
+                getattr(lib, f"mmx_{name}").restype = None
             _library = lib
     return _library or None
 
@@ -53,16 +63,18 @@ def reset() -> None:
     _library = None
 
 
-def takes(*tensors: torch.Tensor | None) -> bool:
-    """Whether the kernels take these tensors: contiguous float32 on the CPU, not recorded by autograd, outside
-    compiled graphs, and the library loaded (None entries are skipped)."""
+def takes(*tensors: torch.Tensor | None, contiguous: bool = True) -> bool:
+    """Whether the kernels take these tensors: float32 on the CPU (and contiguous, unless the kernel reads strides),
+    not recorded by autograd, outside compiled graphs, and the library loaded (None entries are skipped)."""
     if torch.compiler.is_compiling():
         return False
     grad = torch.is_grad_enabled()
     for t in tensors:
         if t is None:
             continue
-        if t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous() or (grad and t.requires_grad):
+        if t.device.type != "cpu" or t.dtype != torch.float32 or (grad and t.requires_grad):
+            return False
+        if contiguous and not t.is_contiguous():
             return False
     return _kernels() is not None
 
@@ -111,3 +123,48 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
         gate_up.data_ptr(), out.data_ptr(), gate_up.numel() // (2 * inner), inner, torch.get_num_threads()
     )
     return out
+
+
+def takes_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether :func:`attention` takes these: :func:`takes` them (any strides but the channels'), a head size that
+    is a multiple of ROW_MULTIPLE, K and V of one shape, query heads a multiple of K/V heads."""
+    if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape or q.shape[-1] != k.shape[-1]:
+        return False
+    if q.shape[-1] % ROW_MULTIPLE or q.shape[1] % k.shape[1] or any(x.stride(-1) != 1 for x in (q, k, v)):
+        return False
+    return takes(q, k, v, contiguous=False)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, offset: int | None) -> torch.Tensor:
+    """softmax(scale q k^T) v for q [B, H, T, D] and k / v [B, G, S, D] (G dividing H; channels contiguous, any other
+    strides), query i seeing keys j <= offset + i (``offset`` None: every key). Returns [B, H, T, D], a view of
+    [B, T, H, D] storage (what the output projection reads, without a copy). D a multiple of ROW_MULTIPLE."""
+    b, h, t, d = q.shape
+    g, s = k.shape[1], k.shape[2]
+    if d % ROW_MULTIPLE or h % g or any(x.stride(-1) != 1 for x in (q, k, v)) or k.shape != v.shape:
+        raise ValueError(f"attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} refused")
+    out = q.new_empty(b, t, h, d)
+
+    def strides(x: torch.Tensor):
+        return (ctypes.c_int64 * 3)(*x.stride()[:3])
+
+    _kernels().mmx_attention_rows(
+        q.data_ptr(),
+        strides(q),
+        k.data_ptr(),
+        strides(k),
+        v.data_ptr(),
+        strides(v),
+        out.data_ptr(),
+        b,
+        h,
+        g,
+        t,
+        s,
+        d,
+        offset is not None,
+        offset or 0,
+        scale,
+        torch.get_num_threads(),
+    )
+    return out.transpose(1, 2)
