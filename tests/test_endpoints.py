@@ -308,6 +308,7 @@ def test_a_5_mb_tokenize_keeps_health_fast(keyed_server, local_tokenizer):
     with httpx.Client(timeout=10) as probe:
         probe.get(f"{url}/health")
         worker = threading.Thread(target=post)
+        began = time.perf_counter()
         worker.start()
         while worker.is_alive():
             start = time.perf_counter()
@@ -315,14 +316,17 @@ def test_a_5_mb_tokenize_keeps_health_fast(keyed_server, local_tokenizer):
             latencies.append(time.perf_counter() - start)
             time.sleep(0.02)
     worker.join()
+    elapsed = time.perf_counter() - began
     r = answer["r"]
     assert r.status_code == 200, r.text[:300]
     body = r.json()
     assert body["count"] == len(body["tokens"]) > 1_000_000
     assert local_tokenizer.decode(body["tokens"], skip_special_tokens=False) == text
     assert len(latencies) > 20, "the tokenize finished before /health was probed much"
-    # a blocked event loop would hold /health for the whole tokenisation (seconds); a busy machine adds a spike
-    assert max(latencies) < 1.0, f"/health took {max(latencies):.3f} s while a 5 MB /tokenize ran"
+    # A blocked event loop would hold /health for the whole tokenisation (seconds, and then few probes at all); a
+    # busy machine adds a spike (1.14 s seen once, in a slow minute): half the run, or 1 s, bounds it.
+    spike = max(1.0, elapsed / 2)
+    assert max(latencies) < spike, f"/health took {max(latencies):.3f} s while a 5 MB /tokenize ran ({elapsed:.1f} s)"
     assert statistics.median(latencies) < 0.1, f"/health took {statistics.median(latencies):.3f} s (median)"
 
 
