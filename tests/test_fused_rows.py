@@ -210,5 +210,10 @@ def test_attention_refuses_what_it_cannot_read():
     assert not fused_rows.takes_attention(q[..., :40], k[..., :40], k[..., :40])  # 40 channels
     assert not fused_rows.takes_attention(q.transpose(2, 3), k, k)  # channels not contiguous
     assert not fused_rows.takes_attention(q.double(), k.double(), k.double())
+    assert not fused_rows.takes_attention(q, k[..., :48], k[..., :48])  # head sizes differ
+    assert not fused_rows.takes_attention(q, torch.randn(2, 2, 8, 64), torch.randn(2, 2, 8, 64))  # batches differ
     with pytest.raises(ValueError, match="refused"):
         fused_rows.attention(q, k, torch.randn(1, 2, 9, 64), 0.1, 0)
+    cos, sin = RotaryEmbedding(80, 1e4)(torch.arange(8))
+    with pytest.raises(ValueError, match="rotary on 80 channels"):  # more than a head's 64
+        fused_rows.norm_rotary(torch.randn(8, 128), None, 1e-6, cos, sin, 2)

@@ -50,9 +50,9 @@ def _kernels() -> ctypes.CDLL | None:
             lib.mmx_norm_rotary_rows.argtypes = [p, p, f32, p, p, p, i64, i32, i32, i32, i32]
             lib.mmx_silu_mul_rows.argtypes = [p, p, i64, i32, i32]
             lib.mmx_attention_rows.argtypes = [p, p, p, p, p, p, p, i64, i32, i32, i64, i64, i32, i32, i64, f32, i32]
-            kernels = ("rms_norm_rows", "norm_rotary_rows", "silu_mul_rows", "attention_rows")
-            for name in kernels:
+            for name in ("rms_norm_rows", "norm_rotary_rows", "silu_mul_rows"):
                 getattr(lib, f"mmx_{name}").restype = None
+            lib.mmx_attention_rows.restype = i32  # non-zero: a thread's work buffer could not be allocated
             _library = lib
     return _library or None
 
@@ -98,6 +98,8 @@ def norm_rotary(
     rows = x.numel() // n
     if cos.numel() != rows * rotary_dim or sin.shape != cos.shape:
         raise ValueError(f"norm_rotary: cos / sin {tuple(cos.shape)} do not give one row per row of x {tuple(x.shape)}")
+    if n % heads or rotary_dim % 2 or rotary_dim > n // heads:
+        raise ValueError(f"norm_rotary: rows of {n} in {heads} heads, rotary on {rotary_dim} channels, refused")
     out = torch.empty_like(x)
     _kernels().mmx_norm_rotary_rows(
         x.data_ptr(),
@@ -128,27 +130,31 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 def takes_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether :func:`attention` takes these: :func:`takes` them (any strides but the channels'), a head size that
     is a multiple of ROW_MULTIPLE, K and V of one shape, query heads a multiple of K/V heads."""
-    if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape or q.shape[-1] != k.shape[-1]:
+    return _readable(q, k, v) and takes(q, k, v, contiguous=False)
+
+
+def _readable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Shapes and strides the attention kernel reads: 4-D, one batch and head size (a multiple of ROW_MULTIPLE), K
+    and V of one shape, query heads a multiple of K/V heads, channels contiguous."""
+    if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape or (q.shape[0], q.shape[3]) != (k.shape[0], k.shape[3]):
         return False
-    if q.shape[-1] % ROW_MULTIPLE or q.shape[1] % k.shape[1] or any(x.stride(-1) != 1 for x in (q, k, v)):
-        return False
-    return takes(q, k, v, contiguous=False)
+    return q.shape[3] % ROW_MULTIPLE == 0 and q.shape[1] % k.shape[1] == 0 and all(x.stride(-1) == 1 for x in (q, k, v))
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, offset: int | None) -> torch.Tensor:
     """softmax(scale q k^T) v for q [B, H, T, D] and k / v [B, G, S, D] (G dividing H; channels contiguous, any other
     strides), query i seeing keys j <= offset + i (``offset`` None: every key). Returns [B, H, T, D], a view of
     [B, T, H, D] storage (what the output projection reads, without a copy). D a multiple of ROW_MULTIPLE."""
+    if not _readable(q, k, v):
+        raise ValueError(f"attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} refused")
     b, h, t, d = q.shape
     g, s = k.shape[1], k.shape[2]
-    if d % ROW_MULTIPLE or h % g or any(x.stride(-1) != 1 for x in (q, k, v)) or k.shape != v.shape:
-        raise ValueError(f"attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} refused")
     out = q.new_empty(b, t, h, d)
 
     def strides(x: torch.Tensor):
         return (ctypes.c_int64 * 3)(*x.stride()[:3])
 
-    _kernels().mmx_attention_rows(
+    failed = _kernels().mmx_attention_rows(
         q.data_ptr(),
         strides(q),
         k.data_ptr(),
@@ -167,4 +173,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, o
         scale,
         torch.get_num_threads(),
     )
+    if failed:
+        raise MemoryError(f"attention: no memory for the kernel's work buffers (head size {d})")
     return out.transpose(1, 2)
