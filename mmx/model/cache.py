@@ -84,7 +84,7 @@ def _continue_with_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
     # Past part: the r query heads that share a KV head attend to it as one head of r * t rows (no K / V copies).
     grouped = q.reshape(b, g, r * t, d)
     out_past, lse_past = _FLASH_CPU(grouped, k[:, :, :past], v[:, :, :past], 0.0, False, scale=scale)
-    # the causal square: the kernel maps each query head to its K/V head itself (as SDPA's enable_gqa has it call it)
+    # the causal square: the kernel maps each query head to its K/V head itself (SDPA's enable_gqa relies on it too)
     out_new, lse_new = _FLASH_CPU(q, k[:, :, past:], v[:, :, past:], 0.0, True, scale=scale)
     out_past, lse_past = out_past.reshape(b, h, t, d), lse_past.reshape(b, h, t)
     top = torch.maximum(lse_past, lse_new)
