@@ -118,6 +118,10 @@ def test_tensors_the_kernels_refuse(monkeypatch):
     monkeypatch.setenv("MMX_FUSED_ROWS", "0")
     fused_rows.reset()
     assert not fused_rows.takes(torch.randn(8, 64))
+    monkeypatch.setenv("MMX_FUSED_ROWS", "off")
+    fused_rows.reset()
+    with pytest.raises(ValueError, match="MMX_FUSED_ROWS='off'"):
+        fused_rows.takes(torch.randn(8, 64))
 
 
 @pytest.mark.parametrize("preset", ["tiny-m1", "tiny-m2"])

@@ -36,28 +36,25 @@ class SoftmaxAttention(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def _fused_norms(self) -> bool:
-        """Whether QK-norm runs inside the fused rotary kernel: plain RMSNorms (a sharded one adds its statistic
-        across ranks in its own forward)."""
-        return self.q_norm is None or (type(self.q_norm) is RMSNorm and type(self.k_norm) is RMSNorm)
-
     def _norm_rotary(
         self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        """QK-norm and rotary on q [B, T, H * D] and k, each one pass (mmx.ops.fused_rows) where the kernels take them:
-        (q, k, whether they are rotated)."""
-        fuse_norms = self._fused_norms() and (q.shape[-1] | k.shape[-1]) % fused_rows.ROW_MULTIPLE == 0
-        if not fuse_norms and self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        norms = (self.q_norm, self.k_norm) if fuse_norms and self.q_norm is not None else (None, None)
-        weights = [n.weight for n in norms if n is not None]
-        if cos.shape[-1] % 2 or not fused_rows.takes(q, k, cos, sin, *weights):
-            if fuse_norms and self.q_norm is not None:
+        """QK-norm and rotary on q [B, T, H * D] and k, one pass each (mmx.ops.fused_rows) where the kernels take
+        them: (q, k, whether they are rotated). Plain RMSNorms run inside the rotary kernel; a sharded one (tensor
+        parallel: its statistic is summed across ranks) runs its own forward first."""
+        plain = type(self.q_norm) is RMSNorm and type(self.k_norm) is RMSNorm
+        plain = plain and (q.shape[-1] | k.shape[-1]) % fused_rows.ROW_MULTIPLE == 0
+        inside = (self.q_norm, self.k_norm) if plain else (None, None)
+        weights = [n.weight for n in inside if n is not None]
+        if cos.shape[-1] % 2 == 0 and fused_rows.takes(q, k, cos, sin, *weights):
+            if self.q_norm is not None and not plain:
                 q, k = self.q_norm(q), self.k_norm(k)
-            return q, k, False
-        q = fused_rows.norm_rotary(q, *_norm_args(norms[0]), cos, sin, self.num_heads)
-        k = fused_rows.norm_rotary(k, *_norm_args(norms[1]), cos, sin, self.num_kv_heads)
-        return q, k, True
+            q = fused_rows.norm_rotary(q, *_norm_args(inside[0]), cos, sin, self.num_heads)
+            k = fused_rows.norm_rotary(k, *_norm_args(inside[1]), cos, sin, self.num_kv_heads)
+            return q, k, True
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return q, k, False
 
     def forward(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: AttentionCache | None

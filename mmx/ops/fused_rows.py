@@ -33,8 +33,11 @@ _library: ctypes.CDLL | bool | None = None  # None: not loaded yet; False: unava
 
 
 def enabled() -> bool:
-    """``MMX_FUSED_ROWS``: on unless "0"."""
-    return os.environ.get("MMX_FUSED_ROWS", "1") != "0"
+    """``MMX_FUSED_ROWS``: "1" (the default) or "0"; anything else is refused by name."""
+    value = os.environ.get("MMX_FUSED_ROWS", "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"MMX_FUSED_ROWS={value!r}: use 1 (the one-pass kernels, the default) or 0 (the torch ops)")
+    return value == "1"
 
 
 def _kernels() -> ctypes.CDLL | None:
